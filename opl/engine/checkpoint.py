@@ -1,0 +1,84 @@
+"""Atomic checkpoint files, safe loading (`weights_only=True`) and RNG state capture."""
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opl.errors import CheckpointError
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint of this project ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} holds no 'model' state: not a checkpoint of this project")
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Strict load with a message naming what differs, instead of PyTorch's long dump."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        details = []
+        if missing:
+            details.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
+        if unexpected:
+            details.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
+        if shapes:
+            details.append(f"shape mismatch: {'; '.join(shapes[:3])}")
+        raise CheckpointError(f"{source} does not match this model ({', '.join(details)}); "
+                              "check the model / dataset choice it was trained with")
+    model.load_state_dict(state)
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy and torch (CPU, CUDA) generator states, as tensors and plain values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

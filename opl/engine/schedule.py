@@ -1,0 +1,37 @@
+"""Per-iteration learning-rate factors: linear warm-up, then multistep or cosine decay."""
+
+import math
+
+import torch
+
+
+def lr_factor(kind: str, iters_per_epoch: int, epochs: int, warmup_epochs: float = 0.0,
+              milestones: tuple[int, ...] = (), gamma: float = 0.1, final_factor: float = 0.0):
+    """A function iteration -> multiplier of the base learning rate.
+
+    Warm-up ramps linearly from 1/warmup_iters to 1 over the first `warmup_epochs` epochs, per
+    iteration. "multistep": multiply by `gamma` at each epoch in `milestones`. "cosine": half a
+    cosine from 1 to `final_factor` over the whole run.
+    """
+    if kind not in ("multistep", "cosine", "constant"):
+        raise ValueError(f"unknown schedule {kind!r}; choose multistep, cosine or constant")
+    if sorted(milestones) != list(milestones):
+        raise ValueError(f"milestones must be increasing, got {list(milestones)}")
+    warmup_iters = int(round(warmup_epochs * iters_per_epoch))
+    total_iters = max(1, epochs * iters_per_epoch)
+
+    def factor(it: int) -> float:
+        warm = min(1.0, (it + 1) / warmup_iters) if warmup_iters else 1.0
+        if kind == "multistep":
+            epoch = it // iters_per_epoch
+            return warm * gamma ** sum(epoch >= m for m in milestones)
+        if kind == "cosine":
+            progress = min(1.0, it / total_iters)
+            return warm * (final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warm
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, iters_per_epoch: int, epochs: int, **spec):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(iters_per_epoch=iters_per_epoch, epochs=epochs, **spec))

@@ -1,0 +1,301 @@
+"""The one trainer every experiment runs on.
+
+A step: batch (already augmented on device) -> [autocast: model -> (features, logits) -> criterion]
+-> backward -> fused optimizer step -> per-iteration LR schedule. Model and loss form one module
+(`TrainStep`) that `torch.compile` can capture whole (CUDA graphs on CUDA). Running sums stay on
+the device; the host synchronises once per `log_every` steps and at the end of each epoch.
+"""
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from opl.data.base import DataSpec
+from opl.data.loaders import build_loader
+from opl.engine.checkpoint import atomic_save, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state
+from opl.engine.evaluate import evaluate
+from opl.engine.schedule import build_scheduler
+from opl.errors import CheckpointError, ConfigError, NonFiniteLossError
+from opl.logging import JsonlWriter, Progress
+from opl.runinfo import resolve_device
+from opl.seed import set_deterministic
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
+    channels_last: bool = True
+    compile: bool | str = "auto"  # auto: on for CUDA, off for CPU
+    compile_mode: str = "auto"  # auto: "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere
+    loader: str = "auto"  # auto (device-resident on CUDA for in-memory data) | device | dataloader
+    num_workers: int = 4
+    eval_every: int = 1
+    geometry: bool = True  # feature geometry of the whole test set at each evaluation
+    log_every: int = 50  # steps between host synchronisations (NaN check, progress)
+    ckpt_every: int = 1
+    deterministic: bool = False
+    # The authors' protocol: the best TEST accuracy from this epoch on (model selection on the
+    # test set). Reported under a name that says so, never as the main number.
+    test_selection_from_epoch: int | None = None
+    progress: str = "auto"  # auto | bar | line
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise ConfigError(f"trainer.amp must be auto, bf16, fp16 or none, got {self.amp!r}")
+        if self.compile not in (True, False, "auto"):
+            raise ConfigError(f"trainer.compile must be true, false or auto, got {self.compile!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"trainer.num_workers must be >= 0, got {self.num_workers}")
+
+
+class TrainStep(nn.Module):
+    """Model forward and the whole loss in one module, so one compiled region covers both."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, autocast: Callable):
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.autocast = autocast
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        with self.autocast():
+            features, logits = self.model(x)
+        parts = self.criterion(logits, features, y)
+        parts["top1"] = (logits.argmax(dim=1) == y).float().mean() * 100.0
+        return parts
+
+
+@dataclass
+class TrainState:
+    """Everything beyond model/optimizer that a resumed run needs to continue identically."""
+
+    epoch: int = 0
+    global_step: int = 0
+    elapsed_s: float = 0.0
+    best_val: dict | None = None  # {"epoch", "val_top1", "test": {...}}
+    best_test: dict | None = None  # authors' protocol
+    last_eval: dict | None = None
+    images_per_s: list = field(default_factory=list)  # steady-state epochs only (no warm-up)
+    warmup_epoch_s: list = field(default_factory=list)  # first epoch of each process (compile, caches)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, model: nn.Module, criterion: nn.Module, data: DataSpec,
+                 optimizer_factory: Callable, schedule: dict, run_dir: str | Path, seed: int = 0,
+                 loggers: tuple = (), callbacks: tuple = (), config_signature: str | None = None):
+        self.cfg = cfg
+        self.data = data
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.loggers = list(loggers)
+        self.callbacks = list(callbacks)
+        self.config_signature = config_signature
+        self.device = resolve_device(cfg.device)
+        if getattr(criterion, "needs_pairs", False) and cfg.batch_size < 2:
+            raise ConfigError("OPL compares pairs of samples in a batch: trainer.batch_size must be >= 2")
+        set_deterministic(cfg.deterministic)
+
+        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("trainer.amp=fp16 needs CUDA; use bf16 or none on CPU")
+        self.amp = amp
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=memory_format)
+        self.criterion = criterion.to(self.device)
+
+        loader_args = dict(device=self.device, kind=cfg.loader, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+        self.train_loader = build_loader(data, data.train, True, cfg.batch_size, seed=seed, **loader_args)
+        if len(self.train_loader) == 0:
+            raise ConfigError(f"trainer.batch_size={cfg.batch_size} exceeds the {len(data.train)} training samples")
+        self.eval_loaders = {"test": build_loader(data, data.test, False, cfg.eval_batch_size, **loader_args)}
+        if data.val is not None:
+            self.eval_loaders["val"] = build_loader(data, data.val, False, cfg.eval_batch_size, **loader_args)
+
+        self.optimizer = optimizer_factory(self.model.parameters(), **({"fused": True} if self.device.type == "cuda" else {}))
+        self.scheduler = build_scheduler(self.optimizer, len(self.train_loader), cfg.epochs, **schedule)
+
+        self.step = TrainStep(self.model, self.criterion, self.autocast)
+        self.cudagraphs = False
+        if cfg.compile is True or (cfg.compile == "auto" and self.device.type == "cuda"):
+            mode = cfg.compile_mode if cfg.compile_mode != "auto" else (
+                "reduce-overhead" if self.device.type == "cuda" else "default")
+            self.cudagraphs = mode == "reduce-overhead" and self.device.type == "cuda"
+            self.step = torch.compile(self.step, mode=mode)
+
+        self.state = TrainState()
+        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
+        self.progress = Progress(cfg.progress)
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    def save_checkpoint(self) -> None:
+        atomic_save({
+            "format": CHECKPOINT_FORMAT,
+            "config_signature": self.config_signature,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": capture_rng_state(),
+            "train_loader": self.train_loader.state_dict(),
+            "state": vars(self.state),
+        }, self.last_checkpoint)
+
+    def resume(self, path: str | Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
+            raise CheckpointError(f"{path} is not a resumable training checkpoint of this project")
+        if self.config_signature is not None and ckpt.get("config_signature") != self.config_signature:
+            raise CheckpointError(f"{path} was written by a run with a different configuration; "
+                                  "resuming it would mix two experiments (use another run dir or force=true)")
+        load_model_state(self.model, ckpt["model"], str(path))
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.train_loader.load_state_dict(ckpt["train_loader"])
+            restore_rng_state(ckpt["rng"])
+            self.state = TrainState(**ckpt["state"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: training state does not fit this run ({type(exc).__name__}: {exc})") from exc
+        self.metrics.truncate_after(self.state.epoch)
+
+    def load_weights(self, path: str | Path) -> None:
+        load_model_state(self.model, load_checkpoint(path, map_location=self.device)["model"], str(path))
+
+    # ---------------------------------------------------------------- training
+    def _check_finite(self, bad_step: torch.Tensor) -> None:
+        step = int(bad_step)
+        if step >= 0:
+            raise NonFiniteLossError(step, f"the training loss became NaN/inf at step {step} (epoch {self.state.epoch + 1}); "
+                                     f"stopped without saving, the last good checkpoint is {self.last_checkpoint}")
+
+    def _train_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        steps = len(self.train_loader)
+        self.progress.start_epoch(epoch, self.cfg.epochs, steps)
+        sums, keys, seen, since_sync = None, None, 0, 0
+        bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        step_no = torch.full((), self.state.global_step, dtype=torch.int64, device=self.device)
+        start = time.perf_counter()
+        for x, y in self.train_loader:
+            if self.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            parts = self.step(x, y)
+            loss = parts["loss"]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+
+            keys = keys or list(parts)
+            batch = torch.stack([parts[k].detach().float() for k in keys]) * y.shape[0]
+            sums = batch if sums is None else sums + batch
+            step_no += 1
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_no, bad_step)
+            seen += y.shape[0]
+            since_sync += 1
+            self.state.global_step += 1
+            if since_sync == self.cfg.log_every:
+                self._check_finite(bad_step)
+                self.progress.update(since_sync, float(sums[0]) / seen)
+                since_sync = 0
+        self._check_finite(bad_step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        means = (sums / seen).tolist()
+        record = {f"train_{k}": v for k, v in zip(keys, means)}
+        record.update(epoch_time_s=seconds, images_per_s=seen / seconds, lr=self.optimizer.param_groups[0]["lr"])
+        return record
+
+    def evaluate_all(self) -> dict:
+        out = {}
+        for split, loader in self.eval_loaders.items():
+            metrics = evaluate(self.model, loader, self.autocast, geometry=self.cfg.geometry and split == "test")
+            out.update({f"{split}_{k}": v for k, v in metrics.items()})
+        return out
+
+    def _update_selection(self, epoch: int, evaluation: dict) -> None:
+        test = {k: v for k, v in evaluation.items() if k.startswith("test_")}
+        self.state.last_eval = {"epoch": epoch, **evaluation}
+        if "val_top1" in evaluation and (self.state.best_val is None or evaluation["val_top1"] > self.state.best_val["val_top1"]):
+            self.state.best_val = {"epoch": epoch, "val_top1": evaluation["val_top1"], **test}
+            atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.run_dir / "best_val.pt")
+        start = self.cfg.test_selection_from_epoch
+        if start is not None and epoch >= start and (
+                self.state.best_test is None or evaluation["test_top1"] > self.state.best_test["test_top1"]):
+            self.state.best_test = {"epoch": epoch, **test}
+
+    def fit(self) -> dict:
+        """Train from `state.epoch` to `cfg.epochs`; return the summary for results.json."""
+        first_epoch_of_process = True
+        for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
+            record = {"epoch": epoch, **self._train_epoch(epoch)}
+            if first_epoch_of_process:
+                self.state.warmup_epoch_s.append(record["epoch_time_s"])
+            else:
+                self.state.images_per_s.append(record["images_per_s"])
+            record["warmup"] = first_epoch_of_process
+            first_epoch_of_process = False
+            if epoch % self.cfg.eval_every == 0 or epoch == self.cfg.epochs:
+                evaluation = self.evaluate_all()
+                record.update(evaluation)
+                self._update_selection(epoch, evaluation)
+            self.state.epoch = epoch
+            self.state.elapsed_s += record["epoch_time_s"]
+            self.metrics.write(record)
+            for logger in self.loggers:
+                logger.log(record, step=epoch)
+            if epoch % self.cfg.ckpt_every == 0 or epoch == self.cfg.epochs:
+                self.save_checkpoint()
+            self.progress.end_epoch(self._epoch_line(record))
+            for callback in self.callbacks:
+                callback(self, epoch, record)
+        return self.summary()
+
+    def _epoch_line(self, r: dict) -> str:
+        line = (f"epoch {r['epoch']}/{self.cfg.epochs}  loss {r['train_loss']:.4f}  train@1 {r['train_top1']:.2f}  "
+                f"lr {r['lr']:.4g}  {r['images_per_s']:.0f} img/s")
+        if "test_top1" in r:
+            line += f"  test@1 {r['test_top1']:.2f}  test@5 {r['test_top5']:.2f}"
+        if "val_top1" in r:
+            line += f"  val@1 {r['val_top1']:.2f}"
+        return line
+
+    def summary(self) -> dict:
+        s = self.state
+        final = {k[len("test_"):]: v for k, v in (s.last_eval or {}).items() if k.startswith("test_")}
+        return {
+            "final_epoch_test": {"epoch": s.last_eval["epoch"], **final} if s.last_eval else None,
+            "best_val_selected_test": s.best_val,
+            "authors_best_on_test": ({"from_epoch": self.cfg.test_selection_from_epoch, **s.best_test}
+                                     if s.best_test else None),
+            "epochs": s.epoch,
+            "train_images_per_s": statistics.median(s.images_per_s) if s.images_per_s else None,
+            "warmup_epoch_s": s.warmup_epoch_s,
+            "train_time_s": s.elapsed_s,
+        }

@@ -1,0 +1,134 @@
+"""Train or evaluate one configuration: `python train.py experiment=cifar100_opl [overrides]`.
+
+Wiring only: Hydra composes the configuration, the library (`opl/`) does the work. Errors a user
+can act on (missing data, bad values, corrupt checkpoints, NaN loss) print one message and exit 2.
+"""
+
+import json
+import sys
+import time
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from opl.engine.run_dir import RunDir
+from opl.engine.trainer import Trainer, TrainerConfig
+from opl.errors import ConfigError, OPLError
+from opl.logging import WandbLogger
+from opl.runinfo import code_version, environment
+from opl.seed import seed_everything
+
+
+def experiment_config(resolved: dict, excluded: list[str]) -> dict:
+    """The resolved configuration without run-control keys: what a run folder is owned by."""
+    config = json.loads(json.dumps(resolved))
+    for dotted in excluded:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return config
+
+
+def build(cfg: DictConfig, run_dir, signature: str | None, loggers=()):
+    seed_everything(cfg.seed)
+    try:
+        trainer_cfg = TrainerConfig(**cfg.trainer)
+        data = instantiate(cfg.dataset)
+        model = instantiate(cfg.model)
+        criterion = instantiate(cfg.loss)
+        optimizer_factory = instantiate(cfg.optim)
+    except ValueError as exc:  # impossible values rejected by the library's constructors
+        raise ConfigError(str(exc)) from exc
+    except Exception as exc:  # Hydra wraps constructor errors; surface ours unchanged
+        cause = exc.__cause__
+        if isinstance(cause, OPLError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from exc
+        raise
+    schedule = OmegaConf.to_container(cfg.sched, resolve=True)
+    return Trainer(trainer_cfg, model, criterion, data, optimizer_factory, schedule, run_dir, cfg.seed,
+                   loggers=loggers, config_signature=signature), data
+
+
+def run(cfg: DictConfig) -> dict | None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = RunDir(hydra_cfg.runtime.output_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    owned_by = experiment_config(resolved, [k for k in hydra_cfg.job.config.override_dirname.exclude_keys if k != "seed"])
+    signature = json.dumps(owned_by, sort_keys=True)
+
+    if cfg.eval_only:
+        if not cfg.ckpt_path:
+            raise ConfigError("eval_only=true needs ckpt_path=<checkpoint file>")
+        trainer, data = build(cfg, run_dir.path, None)
+        trainer.load_weights(cfg.ckpt_path)
+        metrics = trainer.evaluate_all()
+        out = {"ckpt_path": str(cfg.ckpt_path), "data_variant": data.variant, "metrics": metrics,
+               "environment": environment(trainer.device), "code": code_version()}
+        (run_dir.path / "eval.json").write_text(json.dumps(out, indent=2, sort_keys=True))
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+        return metrics
+
+    if cfg.force:
+        moved = run_dir.archive()
+        if moved:
+            print(f"force=true: earlier files of {run_dir.path} moved to {moved}")
+    run_dir.claim(owned_by)
+    action = run_dir.decide(cfg.resume, cfg.force)
+    if action == "skip":
+        print(f"{run_dir.path} already finished (results.json); nothing to do. Pass force=true to run it again.")
+        return json.loads(run_dir.results.read_text())
+
+    loggers = []
+    if cfg.logger.name == "wandb":
+        loggers.append(WandbLogger(run_dir.path, cfg.logger.project, cfg.name, resolved, mode=cfg.logger.mode,
+                                   entity=cfg.logger.entity, tags=list(cfg.logger.tags)))
+    elif cfg.logger.name != "none":
+        raise ConfigError(f"logger must be wandb or none, got {cfg.logger.name!r}")
+    started = time.time()
+    try:
+        trainer, data = build(cfg, run_dir.path, signature, loggers)
+        if action == "resume":
+            trainer.resume(run_dir.checkpoint)
+            print(f"resuming {run_dir.checkpoint} at epoch {trainer.state.epoch}")
+        summary = trainer.fit()
+        results = {
+            "schema_version": 1,
+            "name": cfg.name,
+            "seed": cfg.seed,
+            "data_variant": data.variant,
+            "metrics": summary,
+            "config": resolved,
+            "code": code_version(),
+            "environment": environment(trainer.device),
+            "wall_time_s": time.time() - started,
+            "run_dir": str(run_dir.path),
+        }
+        for logger in loggers:
+            logger.summary({"final_test_top1": (summary["final_epoch_test"] or {}).get("top1")})
+        run_dir.write_results(results)
+    finally:
+        for logger in loggers:
+            logger.finish()
+    final = summary["final_epoch_test"]
+    print(f"done: final-epoch test top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  -> {run_dir.results}")
+    return results
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig):
+    try:
+        return run(cfg)
+    except OPLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
