@@ -1,0 +1,71 @@
+"""Every experiment composes, pins the paper's recipe, and instantiates and trains on tiny data."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import train
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+def compose_experiment(name, *overrides):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={name}", *overrides])
+
+
+def test_every_required_experiment_exists():
+    assert {"cifar100_ce", "cifar100_opl", "cifar100_r110_ce", "cifar100_r110_opl", "cifar10_ce", "cifar10_opl",
+            "digits_ce", "digits_opl"} <= set(EXPERIMENTS)
+
+
+def test_cifar100_opl_is_the_authors_recipe():
+    cfg = compose_experiment("cifar100_opl")
+    assert cfg.name == "cifar100_opl" and cfg.model._target_ == "opl.models.resnet56"
+    assert cfg.model.num_classes == 100
+    assert (cfg.loss.weight, cfg.loss.gamma, cfg.loss.neg_abs) == (1.0, 0.5, "elementwise")
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 5e-4)
+    assert list(cfg.sched.milestones) == [60, 120, 160] and cfg.sched.gamma == 0.2 and cfg.sched.warmup_epochs == 1
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (200, 128)
+    assert cfg.dataset.val_fraction == 0.1 and cfg.dataset.split_seed == 0
+    assert list(cfg.dataset.mean) == [0.5071, 0.4865, 0.4409] and list(cfg.dataset.std) == [0.2673, 0.2564, 0.2762]
+    assert OmegaConf.to_container(cfg.dataset.augment) == {
+        "crop_padding": 4, "hflip": True, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4}
+    assert cfg.trainer.test_selection_from_epoch == 120
+    ce = compose_experiment("cifar100_ce")
+    assert ce.loss._target_ == "opl.losses.ClassificationLoss" and "gamma" not in ce.loss
+    assert compose_experiment("cifar100_r110_opl").model._target_ == "opl.models.resnet110"
+
+
+def test_default_run_is_the_digits_opl_demo():
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train")
+    assert cfg.name == "digits_opl" and cfg.dataset._target_ == "opl.data.digits.digits"
+
+
+def test_sweeps_compose():
+    for sweep, key, values in (("gamma", "loss.gamma", "0.1,0.25,0.5,1.0,2.0"), ("seeds", "seed", "0,1,2,3,4")):
+        with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+            cfg = compose("train", overrides=["experiment=cifar100_opl", f"sweep={sweep}"], return_hydra_config=True)
+        assert cfg.hydra.sweeper.params[key] == values
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar100_root, cifar10_format_root):
+    root = {"cifar100": cifar100_root, "cifar10": cifar10_format_root}
+    cfg = compose_experiment(
+        name, "trainer.epochs=1", "trainer.batch_size=16", "trainer.device=cpu", "trainer.num_workers=0",
+        "trainer.test_selection_from_epoch=null", "dataset.limit_train=32", "dataset.limit_test=16",
+        "trainer.progress=line")
+    if "root" in cfg.dataset:
+        cfg.dataset.root = str(root[cfg.dataset.which])
+        cfg.dataset.download = False
+    trainer, data = train.build(cfg, tmp_path, json.dumps(OmegaConf.to_container(cfg, resolve=True)))
+    assert data.num_classes == cfg.model.num_classes
+    summary = trainer.fit()
+    assert summary["epochs"] == 1 and 0.0 <= summary["final_epoch_test"]["top1"] <= 100.0
+    assert summary["final_epoch_test"]["loss"] > 0

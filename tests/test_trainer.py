@@ -1,0 +1,208 @@
+"""The shared trainer end to end on tiny real data (digits): training, resume, checkpoints,
+selection protocols and failure modes."""
+
+import functools
+import json
+
+import pytest
+import torch
+
+from opl.data.digits import digits
+from opl.engine.checkpoint import atomic_save, load_checkpoint
+from opl.engine.trainer import Trainer, TrainerConfig
+from opl.errors import CheckpointError, ConfigError, NonFiniteLossError
+from opl.losses import ClassificationLoss, ce_plus_opl
+from opl.models import MLP
+from opl.seed import seed_everything
+
+SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
+SCHEDULE = {"kind": "multistep", "milestones": [2], "gamma": 0.2, "warmup_epochs": 1}
+
+
+def make_trainer(run_dir, seed=0, criterion=None, val=0.0, callbacks=(), signature="sig", **overrides):
+    seed_everything(seed)
+    data = digits(10, [0.3053], [0.3759], val_fraction=val, limit_train=400, limit_test=200)
+    cfg = TrainerConfig(**{"epochs": 4, "batch_size": 32, "eval_batch_size": 100, "device": "cpu",
+                           "num_workers": 0, "log_every": 5, "progress": "line", **overrides})
+    model = MLP(10, 64, (64, 32))
+    return Trainer(cfg, model, criterion or ce_plus_opl(), data, SGD, SCHEDULE, run_dir, seed,
+                   callbacks=callbacks, config_signature=signature)
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_training_learns_and_writes_metrics(tmp_path):
+    trainer = make_trainer(tmp_path, val=0.1, test_selection_from_epoch=2)
+    summary = trainer.fit()
+    final = summary["final_epoch_test"]
+    assert final["epoch"] == 4 and final["top1"] > 80.0  # chance is 10%
+    assert final["top1"] <= final["top5"] <= 100.0
+    assert 0.0 < final["same_cos"] <= 1.0 and final["same_cos"] > final["diff_abs_cos"]
+    records = lines(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert {"train_loss", "train_ce", "train_opl", "train_opl_s", "train_opl_d", "train_top1", "lr",
+            "images_per_s", "test_top1", "test_top5", "test_same_cos", "test_diff_abs_cos", "val_top1"} <= set(records[-1])
+    # Per-epoch train loss is the mean of ce + opl (weight 1).
+    assert records[-1]["train_loss"] == pytest.approx(records[-1]["train_ce"] + records[-1]["train_opl"], rel=1e-5)
+    # Selection protocols: best validation epoch's test numbers; authors' best test from epoch 2 on.
+    best_val = max(records, key=lambda r: r["val_top1"])
+    assert summary["best_val_selected_test"]["epoch"] == best_val["epoch"]
+    assert summary["best_val_selected_test"]["test_top1"] == best_val["test_top1"]
+    best_test = max(records[1:], key=lambda r: r["test_top1"])
+    assert summary["authors_best_on_test"]["test_top1"] == best_test["test_top1"]
+    assert summary["authors_best_on_test"]["from_epoch"] == 2
+    assert (tmp_path / "best_val.pt").exists() and (tmp_path / "last.pt").exists()
+
+
+def test_lr_schedule_warmup_and_milestones(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3)
+    iters = len(trainer.train_loader)
+    seen = []
+    for _ in range(3 * iters):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert seen[0] == pytest.approx(0.05 / iters)  # per-iteration linear warm-up over epoch 1
+    assert seen[iters - 1] == pytest.approx(0.05)
+    assert seen[iters] == pytest.approx(0.05) and seen[2 * iters] == pytest.approx(0.01)  # x0.2 at epoch 2
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(epoch):
+    def callback(trainer, finished_epoch, record):
+        if finished_epoch == epoch:
+            raise Crash(f"simulated crash after epoch {epoch}")
+    return callback
+
+
+@pytest.mark.parametrize("loader", ["dataloader", "device"])
+def test_resume_after_crash_matches_uninterrupted(tmp_path, loader):
+    reference = make_trainer(tmp_path / "a", loader=loader)
+    reference.fit()
+    interrupted = make_trainer(tmp_path / "b", loader=loader, callbacks=(crash_after(2),))
+    with pytest.raises(Crash):
+        interrupted.fit()
+    resumed = make_trainer(tmp_path / "b", seed=123, loader=loader)  # a different init: resume must overwrite it
+    resumed.resume(tmp_path / "b" / "last.pt")
+    assert resumed.state.epoch == 2
+    resumed.fit()
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    a, b = lines(tmp_path / "a" / "metrics.jsonl"), lines(tmp_path / "b" / "metrics.jsonl")
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+    assert [r["test_top1"] for r in a] == [r["test_top1"] for r in b]
+
+
+def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, callbacks=(crash_after(2),), ckpt_every=2)
+    with pytest.raises(Crash):
+        trainer.fit()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 3, "train_loss": 1.0}) + "\n")  # crash after logging epoch 3
+    resumed = make_trainer(tmp_path)
+    resumed.resume(tmp_path / "last.pt")
+    assert [r["epoch"] for r in lines(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_checkpoint_is_weights_only_and_complete(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.fit()
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "train_loader", "state"} <= set(ckpt)
+    assert ckpt["state"]["epoch"] == 1 and ckpt["config_signature"] == "sig"
+    assert not list(tmp_path.glob(".last.pt.*.tmp"))  # the atomic write left no temporary file
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"\x00garbage" * 10)
+    trainer = make_trainer(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        trainer.resume(bad)
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        trainer.resume(tmp_path / "absent.pt")
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.fit()
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        make_trainer(tmp_path / "other").resume(tmp_path / "cut.pt")
+
+
+def test_mismatched_checkpoints_are_refused(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.fit()
+    with pytest.raises(CheckpointError, match="different configuration"):
+        make_trainer(tmp_path / "x", signature="another").resume(tmp_path / "last.pt")
+    other_model = make_trainer(tmp_path / "y")
+    other_model.model.fc = torch.nn.Linear(32, 7)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        other_model.load_weights(tmp_path / "last.pt")
+    atomic_save({"model": {"foo": torch.zeros(1)}}, tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match="not a resumable"):
+        make_trainer(tmp_path / "z").resume(tmp_path / "weights.pt")
+
+
+class Explode(torch.nn.Module):
+    """CE + OPL whose loss turns to NaN from a given step on."""
+
+    def __init__(self, at_step):
+        super().__init__()
+        self.inner, self.at_step, self.calls = ce_plus_opl(), at_step, 0
+        self.needs_pairs = True
+
+    def forward(self, logits, features, labels):
+        self.calls += 1
+        parts = self.inner(logits, features, labels)
+        if self.calls >= self.at_step:
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    iters = 400 // 32
+    trainer = make_trainer(tmp_path, criterion=Explode(at_step=iters + 3))
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.fit()
+    assert err.value.step == iters + 3 and f"step {iters + 3}" in str(err.value)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["state"]["epoch"] == 1  # the epoch before the NaN, not overwritten
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_impossible_values_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size must be >= 2"):
+        make_trainer(tmp_path, batch_size=1)
+    make_trainer(tmp_path / "ce", criterion=ClassificationLoss(), batch_size=1)  # CE alone is fine
+    with pytest.raises(ConfigError, match="exceeds"):
+        make_trainer(tmp_path, batch_size=401)
+    with pytest.raises(ConfigError, match="epochs"):
+        make_trainer(tmp_path, epochs=0)
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        make_trainer(tmp_path, amp="fp16")
+    with pytest.raises(ValueError, match="gamma"):
+        ce_plus_opl(gamma=-1.0)
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=2, amp="bf16")
+    summary = trainer.fit()
+    assert summary["final_epoch_test"]["top1"] > 50.0
+
+
+def test_deterministic_mode_repeats_exactly(tmp_path):
+    first = make_trainer(tmp_path / "a", epochs=1, deterministic=True)
+    first.fit()
+    second = make_trainer(tmp_path / "b", epochs=1, deterministic=True)
+    second.fit()
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key])
+    torch.use_deterministic_algorithms(False)
