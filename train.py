@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from opl.engine.run_dir import RunDir
 from opl.engine.trainer import Trainer, TrainerConfig
 from opl.errors import ConfigError, OPLError
+from opl.io import atomic_write_json
 from opl.logging import WandbLogger
 from opl.runinfo import code_version, environment
 from opl.seed import seed_everything
@@ -34,23 +35,38 @@ def experiment_config(resolved: dict, excluded: list[str]) -> dict:
     return config
 
 
-def build(cfg: DictConfig, run_dir, signature: str | None, loggers=()):
-    seed_everything(cfg.seed)
+def instantiate_checked(node, **kwargs):
+    """`hydra.utils.instantiate`, with the library's own errors surfaced unchanged.
+
+    Hydra wraps constructor errors in its own exception; a user should see "gamma must be >= 0"
+    or "no CIFAR-100 at <path>", so library errors are unwrapped and plain ValueErrors (impossible
+    values rejected by a constructor) become ConfigError.
+    """
     try:
-        trainer_cfg = TrainerConfig(**cfg.trainer)
-        data = instantiate(cfg.dataset)
-        model = instantiate(cfg.model)
-        criterion = instantiate(cfg.loss)
-        optimizer_factory = instantiate(cfg.optim)
-    except ValueError as exc:  # impossible values rejected by the library's constructors
+        return instantiate(node, **kwargs)
+    except OPLError:
+        raise
+    except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    except Exception as exc:  # Hydra wraps constructor errors; surface ours unchanged
+    except Exception as exc:
         cause = exc.__cause__
         if isinstance(cause, OPLError):
             raise cause from None
         if isinstance(cause, ValueError):
             raise ConfigError(str(cause)) from exc
         raise
+
+
+def build(cfg: DictConfig, run_dir, signature: str | None, loggers=()):
+    seed_everything(cfg.seed)
+    try:
+        trainer_cfg = TrainerConfig(**cfg.trainer)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"trainer: {exc}") from exc
+    data = instantiate_checked(cfg.dataset)
+    model = instantiate_checked(cfg.model)
+    criterion = instantiate_checked(cfg.loss)
+    optimizer_factory = instantiate_checked(cfg.optim)
     schedule = OmegaConf.to_container(cfg.sched, resolve=True)
     return Trainer(trainer_cfg, model, criterion, data, optimizer_factory, schedule, run_dir, cfg.seed,
                    loggers=loggers, config_signature=signature), data
@@ -71,7 +87,7 @@ def run(cfg: DictConfig) -> dict | None:
         metrics = trainer.evaluate_all()
         out = {"ckpt_path": str(cfg.ckpt_path), "data_variant": data.variant, "metrics": metrics,
                "environment": environment(trainer.device), "code": code_version()}
-        (run_dir.path / "eval.json").write_text(json.dumps(out, indent=2, sort_keys=True))
+        atomic_write_json(run_dir.path / "eval.json", out)
         print(json.dumps(metrics, indent=2, sort_keys=True))
         return metrics
 

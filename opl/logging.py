@@ -12,6 +12,8 @@ import secrets
 import sys
 from pathlib import Path
 
+from opl.io import atomic_write_text
+
 
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -30,9 +32,7 @@ class JsonlWriter:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from opl.errors import CheckpointError, ConfigError
+from opl.io import atomic_write_json, atomic_write_text
 
 RUN_FILES = ("run_config.json", "last.pt", "best_val.pt", "metrics.jsonl", "results.json", "DONE", "wandb_id.txt", "wandb")
 
@@ -45,9 +46,7 @@ class RunDir:
                     f"{self.path} belongs to a run with another configuration ({'; '.join(differences[:5])}). "
                     "Choose another hydra.run.dir, or pass force=true to move the old run aside.")
             return
-        tmp = self.config_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-        os.replace(tmp, self.config_file)
+        atomic_write_json(self.config_file, config)
 
     def archive(self) -> Path | None:
         """Move an earlier run's files into `superseded-<time>/` (force=true): nothing is deleted."""
@@ -76,7 +75,5 @@ class RunDir:
         return "fresh"
 
     def write_results(self, results: dict) -> None:
-        tmp = self.results.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, self.results)
-        self.done_marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
+        atomic_write_json(self.results, results)
+        atomic_write_text(self.done_marker, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))

@@ -1,0 +1,488 @@
+"""Steady-state training throughput at the paper's CIFAR-100 recipe: this repository vs the authors' loop.
+
+What is measured
+----------------
+Images per second of the training step (data -> augmentation -> forward -> loss -> backward ->
+optimizer -> LR schedule) at the CIFAR-100 recipe of `configs/experiment/cifar100_{ce,opl}.yaml`
+(CIFAR ResNet-56, 100 classes, batch 128, SGD lr 0.1 / momentum 0.9 / weight decay 5e-4,
+per-iteration warm-up + multistep schedule, random crop (pad 4) + flip + ColorJitter 0.4/0.4/0.4 +
+CIFAR-100 mean/std), for three configurations run one after the other in this one process:
+
+  a  "ours"       the repository's own trainer: `Trainer(...)._train_epoch`, the code
+                  `train.py experiment=cifar100_opl` runs, with CE + OPL (lambda 1, gamma 0.5).
+                  Trainer settings as a user gets them (amp/compile/loader "auto": bf16,
+                  torch.compile "reduce-overhead" with CUDA graphs, GPU-resident uint8 data with
+                  on-GPU augmentation, fused SGD on CUDA; channels_last), evaluation off.
+  b  "ours_ce"    the same with plain cross-entropy (`experiment=cifar100_ce`).
+  c  "reference"  a loop like the authors' CIFAR code: fp32, eager, contiguous memory format,
+                  torchvision PIL transforms in a `DataLoader` (4 workers, shuffle, pinned memory
+                  on CUDA), `x.to(device)`, forward, CE + the repository's OPL module, zero_grad,
+                  backward, SGD step (PyTorch's default implementation, not fused), per-iteration
+                  LR scheduler step and one `loss.item()` per step (the authors log the loss
+                  several times per iteration). cuDNN autotuning off, as in the authors'
+                  train.py/utils.py (`--ref-cudnn-benchmark` turns it on). The authors' loader
+                  does not pin memory; pinning here can only make the reference faster.
+
+The data are a synthetic in-memory set of random uint8 32x32x3 images with 100 classes (pixel
+content does not change the cost of any step), or the real CIFAR-100 training split (45,000 images,
+the authors' split) with `--cifar-root DIR` (the folder holding `cifar-100-python/`).
+
+Each configuration first runs `--warmup-steps` steps (compilation, CUDA-graph capture, cuDNN
+autotuning, DataLoader worker start-up), timed and reported as `warmup_s` but excluded from the
+throughput, then `--steps` timed steps with `torch.cuda.synchronize()` at both ends. The batch
+stream continues from warm-up into the timed steps (workers already running), and runs over as
+many epochs of the training set as needed; with the default 45,000 images, warm-up + timed steps
+(250 x 128) stay inside one epoch. Trainer construction (model and data to the device) is
+reported separately as `setup_s`.
+
+How to read the result
+----------------------
+  configs.<name>.images_per_s   steady-state training throughput of that configuration
+  speedup_vs_reference          a / c: how many times faster the repository trains than the
+                                authors' loop on the same machine (> 1: faster)
+  opl_overhead                  1 - a / b: the relative slowdown that adding OPL to CE costs in
+                                the repository's step (0.05 = 5 % fewer images/s; about 0 or
+                                negative = within noise)
+  estimate_200_epochs           200 epochs x 45,000 images (the trainer drops the last partial
+                                batch: 351 x 128 per epoch) at the throughput of a, plus its
+                                warm-up once. An ESTIMATE of training time only: per-epoch
+                                evaluation (test + validation, feature geometry), checkpointing
+                                and epoch-boundary costs are excluded.
+
+The H100 measurement (all defaults: auto device, ResNet-56, batch 128, 50 warm-up + 200 timed
+steps, 4 reference workers, 45,000 synthetic images), from the repository root:
+
+    python scripts/benchmark.py --out runs/benchmark/h100.json
+
+A CPU smoke run (about 10 s on 2 cores, most of it imports and first-step set-up; CPU figures
+say nothing about GPU speed):
+
+    python scripts/benchmark.py --device cpu --model resnet20 --batch-size 16 --steps 3 \
+        --warmup-steps 1 --ref-workers 0 --workers 0 --images 128
+
+JSON goes to stdout (and atomically to `--out`); everything else the libraries print goes to
+stderr.
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from opl.data.augment import pil_transforms  # noqa: E402
+from opl.data.base import AugmentSpec, DataSpec, ImageTensors  # noqa: E402
+from opl.data.loaders import TensorImageDataset  # noqa: E402
+from opl.engine.schedule import build_scheduler  # noqa: E402
+from opl.engine.trainer import Trainer, TrainerConfig  # noqa: E402
+from opl.errors import ConfigError, OPLError  # noqa: E402
+from opl.io import atomic_write_text  # noqa: E402
+from opl.runinfo import code_version, environment, resolve_device  # noqa: E402
+from train import instantiate_checked  # noqa: E402
+
+MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+CONFIGS = {"a": "ours", "b": "ours_ce", "c": "reference"}
+EXPERIMENTS = {"a": "cifar100_opl", "b": "cifar100_ce", "c": "cifar100_opl"}
+AUTHORS_TRAIN_IMAGES = 45_000  # CIFAR-100 train minus the authors' 10% validation split
+SCHEMA_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------ arguments
+def _device_arg(value: str) -> str:
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+def _configs_arg(value: str) -> list[str]:
+    names = {v: k for k, v in CONFIGS.items()}
+    chosen = []
+    for item in (s.strip() for s in value.split(",")):
+        key = names.get(item, item)
+        if key not in CONFIGS:
+            raise argparse.ArgumentTypeError(
+                f"unknown configuration {item!r}; choose from a (ours), b (ours_ce), c (reference)")
+        if key not in chosen:
+            chosen.append(key)
+    if not chosen:
+        raise argparse.ArgumentTypeError("at least one configuration is needed")
+    return sorted(chosen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmark.py", description="Steady-state training throughput: ours (a), ours with CE only (b), "
+        "the authors' loop (c). See the module docstring for how to read the ratios.")
+    p.add_argument("--device", type=_device_arg, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--model", choices=MODELS, default="resnet56", help="CIFAR ResNet depth (default resnet56)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch (default 128, the paper's)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per configuration (default 200)")
+    p.add_argument("--warmup-steps", type=int, default=50,
+                   help="untimed-for-throughput warm-up steps per configuration, reported as warmup_s (default 50)")
+    p.add_argument("--images", type=int, default=None,
+                   help=f"training images: synthetic set size (default {AUTHORS_TRAIN_IMAGES}), or a seeded "
+                        "subset of the real split with --cifar-root; the stream runs over more epochs if needed")
+    p.add_argument("--configs", type=_configs_arg, default=["a", "b", "c"],
+                   help="comma-separated subset of a,b,c (or ours,ours_ce,reference); default all")
+    p.add_argument("--ref-workers", type=int, default=4, help="DataLoader workers of the reference loop (default 4)")
+    p.add_argument("--ref-cudnn-benchmark", action="store_true",
+                   help="turn cuDNN autotuning on in the reference loop (the authors' code leaves it off)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="trainer.num_workers for a/b, used only where the trainer's loader is a DataLoader "
+                        "(e.g. on CPU); default 4 as in configs/trainer/default.yaml")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="override trainer.compile for a/b (default auto: on for CUDA, off for CPU)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                   help="trainer.amp for a/b (default auto: bf16 on CUDA, none on CPU)")
+    p.add_argument("--loader", choices=("auto", "device", "dataloader"), default="auto",
+                   help="trainer.loader for a/b (default auto: GPU-resident data on CUDA, DataLoader on CPU)")
+    p.add_argument("--cifar-root", default=None,
+                   help="use real CIFAR-100 from DIR/cifar-100-python/ (no download) instead of synthetic images")
+    p.add_argument("--seed", type=int, default=0, help="seed of model init, synthetic data and shuffling")
+    p.add_argument("--out", default=None, help="also write the JSON result to this path (atomically)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.warmup_steps < 0:
+        parser.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size < 2 and ("a" in args.configs or "c" in args.configs):
+        parser.error(f"--batch-size must be >= 2 for configurations with OPL (a, c): OPL compares pairs of "
+                     f"samples within a batch, got {args.batch_size}")
+    if args.images is not None and args.images < args.batch_size:
+        parser.error(f"--images ({args.images}) must hold at least one batch (--batch-size {args.batch_size})")
+    if args.ref_workers < 0 or args.workers < 0:
+        parser.error("--ref-workers and --workers must be >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} but no CUDA device is available; use --device cpu or auto")
+    if args.cifar_root is not None and not Path(args.cifar_root).expanduser().is_dir():
+        parser.error(f"--cifar-root {args.cifar_root} is not a folder")
+    return args
+
+
+# ------------------------------------------------------------------------------------ recipe and data
+def recipe_config(experiment: str, model: str):
+    """The configuration `python train.py experiment=<experiment> model=<model>` composes."""
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"experiment={experiment}", f"model={model}"])
+
+
+def synthetic_cifar(n_train: int, num_classes: int, seed: int) -> tuple[ImageTensors, ImageTensors]:
+    g = torch.Generator().manual_seed(seed)
+    def split(n):
+        return ImageTensors(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                            torch.randint(0, num_classes, (n,), generator=g))
+    return split(n_train), split(min(n_train, 256))  # the test split is never evaluated here
+
+
+def build_data(cfg, args) -> DataSpec:
+    ds = cfg.dataset
+    if args.cifar_root is not None:  # the experiment's own split: 45,000 train / 5,000 validation
+        return instantiate_checked(ds, root=str(Path(args.cifar_root).expanduser()), download=False,
+                            limit_train=args.images, limit_test=256)
+    train, test = synthetic_cifar(args.images or AUTHORS_TRAIN_IMAGES, ds.num_classes, args.seed)
+    return DataSpec(name="synthetic-cifar100", variant=f"synthetic/uint8-uniform@{args.seed}",
+                    num_classes=ds.num_classes, train=train, test=test, val=None,
+                    mean=tuple(ds.mean), std=tuple(ds.std),
+                    augment=AugmentSpec(**OmegaConf.to_container(ds.augment)))
+
+
+def batch_stream(loader):
+    """The loader's batches, epoch after epoch, as one uninterrupted stream."""
+    if len(loader) == 0:
+        raise ConfigError("the training loader yields no full batch; use more --images or a smaller --batch-size")
+    while True:
+        yield from loader
+
+
+class StepBudget:
+    """Hands the trainer's own loader to `Trainer._train_epoch` `n` batches at a time.
+
+    One stream continues across calls (and across the loader's epochs), so warm-up and timed
+    steps see the same running loader, as consecutive steps of one training epoch would.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.stream = batch_stream(loader)
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield next(self.stream)
+
+    def close(self) -> None:
+        self.stream.close()  # ends a DataLoader iterator (and its workers) now
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    torch._dynamo.reset()  # each configuration compiles from scratch, as in a fresh process
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ configurations
+def run_ours(key: str, args, data: DataSpec, run_dir: Path) -> dict:
+    """a / b: the repository's Trainer, timed through its own `_train_epoch`."""
+    cfg = recipe_config(EXPERIMENTS[key], args.model)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    trainer_cfg = replace(
+        TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True)),
+        batch_size=args.batch_size, device=args.device, amp=args.amp, loader=args.loader,
+        compile="auto" if args.compile is None else args.compile, channels_last=True,
+        num_workers=args.workers, geometry=False, progress="line")
+    trainer = Trainer(trainer_cfg, instantiate_checked(cfg.model), instantiate_checked(cfg.loss), data, instantiate_checked(cfg.optim),
+                      OmegaConf.to_container(cfg.sched, resolve=True), run_dir / CONFIGS[key], seed=args.seed)
+    device = trainer.device
+    real_loader = trainer.train_loader
+    budget = StepBudget(real_loader)
+    trainer.train_loader = budget
+    _sync(device)
+    setup_s = time.perf_counter() - t0
+    try:
+        warmup_s = 0.0
+        if args.warmup_steps:
+            budget.n = args.warmup_steps
+            _sync(device)
+            t0 = time.perf_counter()
+            trainer._train_epoch(0)
+            _sync(device)
+            warmup_s = time.perf_counter() - t0
+        budget.n = args.steps
+        _sync(device)
+        t0 = time.perf_counter()
+        record = trainer._train_epoch(1)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        budget.close()
+    images = args.steps * args.batch_size
+    step = trainer.step
+    settings = {
+        "experiment": EXPERIMENTS[key],
+        "criterion": repr(trainer.criterion),
+        "amp": trainer.amp,
+        "compiled": hasattr(step, "_orig_mod"),
+        "cudagraphs": trainer.cudagraphs,
+        "channels_last": trainer_cfg.channels_last,
+        "loader": type(real_loader).__name__,
+        "num_workers": trainer_cfg.num_workers if type(real_loader).__name__ == "DeviceDataLoader" else None,
+        "optimizer": type(trainer.optimizer).__name__,
+        "fused": bool(trainer.optimizer.defaults.get("fused")),
+        "log_every": trainer_cfg.log_every,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "trainer_config": asdict(trainer_cfg),
+    }
+    result = {
+        "id": key, "name": CONFIGS[key],
+        "images_per_s": images / seconds,
+        "steps": args.steps, "images": images, "seconds": seconds,
+        "warmup_steps": args.warmup_steps, "warmup_s": warmup_s, "setup_s": setup_s,
+        "trainer_images_per_s": record["images_per_s"],  # the trainer's own clock, a cross-check
+        "final_train_loss": record["train_loss"],
+        "settings": settings,
+    }
+    return result
+
+
+def run_reference(args, data: DataSpec, device: torch.device) -> dict:
+    """c: a plain fp32 eager loop like the authors' CIFAR training code."""
+    cfg = recipe_config(EXPERIMENTS["c"], args.model)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    torch.backends.cudnn.benchmark = args.ref_cudnn_benchmark
+    torch.backends.cudnn.deterministic = False
+    torch.use_deterministic_algorithms(False)
+    model = instantiate_checked(cfg.model).to(device)
+    criterion = instantiate_checked(cfg.loss)  # CE + lambda * OPL: its OPL module and lambda are used below
+    opl_module, weight = criterion.opl.to(device), criterion.weight
+    ce = torch.nn.CrossEntropyLoss()
+    optimizer = instantiate_checked(cfg.optim)(model.parameters())  # PyTorch's default (non-fused) SGD
+    train = data.train
+    if isinstance(train, ImageTensors):
+        dataset = TensorImageDataset(train, pil_transforms(data.augment, data.mean, data.std, True, train.images.shape[-1]))
+    else:
+        raise ValueError("the reference loop needs an in-memory training split")
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.ref_workers, pin_memory=device.type == "cuda", generator=generator)
+    scheduler = build_scheduler(optimizer, len(loader), cfg.trainer.epochs,
+                                **OmegaConf.to_container(cfg.sched, resolve=True))
+    model.train()
+    stream = batch_stream(loader)
+    losses = []
+
+    def steps(n: int) -> int:
+        seen = 0
+        for _ in range(n):
+            images, labels = next(stream)
+            images, labels = images.to(device), labels.to(device)
+            features, logits = model(images)
+            loss = ce(logits, labels) + weight * opl_module(features, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())  # the authors log the loss at every iteration
+            seen += labels.shape[0]
+        return seen
+
+    setup_s = time.perf_counter() - t0
+    try:
+        warmup_s = 0.0
+        if args.warmup_steps:
+            _sync(device)
+            t0 = time.perf_counter()
+            steps(args.warmup_steps)  # includes DataLoader worker start-up
+            _sync(device)
+            warmup_s = time.perf_counter() - t0
+        _sync(device)
+        t0 = time.perf_counter()
+        images = steps(args.steps)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        stream.close()
+    result = {
+        "id": "c", "name": CONFIGS["c"],
+        "images_per_s": images / seconds,
+        "steps": args.steps, "images": images, "seconds": seconds,
+        "warmup_steps": args.warmup_steps, "warmup_s": warmup_s, "setup_s": setup_s,
+        "final_train_loss": losses[-1],
+        "settings": {
+            "experiment": EXPERIMENTS["c"], "criterion": f"CrossEntropyLoss + {weight} * {opl_module!r}",
+            "amp": "none", "compiled": False, "cudagraphs": False, "channels_last": False,
+            "loader": "DataLoader(TensorImageDataset, torchvision PIL transforms)",
+            "num_workers": args.ref_workers, "pin_memory": device.type == "cuda",
+            "optimizer": type(optimizer).__name__, "fused": bool(optimizer.defaults.get("fused")),
+            "foreach": optimizer.defaults.get("foreach"), "loss_item_every_step": True,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        },
+    }
+    return result
+
+
+# ------------------------------------------------------------------------------------ main
+def _ratio(num, den):
+    return num / den if num is not None and den else None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = datetime.now(timezone.utc)
+    device = resolve_device(args.device)  # as the trainer resolves it
+    # Whatever the libraries print goes to stderr; stdout carries only the JSON result.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            recipe = recipe_config(EXPERIMENTS["a"], args.model)
+            data = build_data(recipe, args)
+            if len(data.train) < args.batch_size:
+                raise OPLError(f"the training split has {len(data.train)} images, fewer than one batch")
+            configs = {}
+            with tempfile.TemporaryDirectory(prefix="opl-benchmark-") as run_dir:
+                for key in args.configs:
+                    print(f"[benchmark] {key} ({CONFIGS[key]}) ...", flush=True)
+                    configs[CONFIGS[key]] = (run_reference(args, data, device) if key == "c"
+                                             else run_ours(key, args, data, Path(run_dir)))
+                    _release(device)  # the configuration's model, optimizer and loader are unreachable now
+                    c = configs[CONFIGS[key]]
+                    print(f"[benchmark] {key} ({CONFIGS[key]}): {c['images_per_s']:.1f} images/s over "
+                          f"{c['steps']} steps, warm-up {c['warmup_s']:.2f} s", flush=True)
+        except OPLError as exc:
+            build_parser().exit(2, f"benchmark.py: error: {exc}\n")
+
+    ips = {name: c["images_per_s"] for name, c in configs.items()}
+    a, b, c = ips.get("ours"), ips.get("ours_ce"), ips.get("reference")
+    epochs = 200
+    epoch_images = (AUTHORS_TRAIN_IMAGES // args.batch_size) * args.batch_size
+    estimate = None
+    if a is not None:
+        seconds = epochs * epoch_images / a + configs["ours"]["warmup_s"]
+        estimate = {
+            "seconds": seconds, "hours": seconds / 3600.0, "epochs": epochs, "images_per_epoch": epoch_images,
+            "basis": "ours",
+            "note": (f"ESTIMATE of training time only: {epochs} epochs x {epoch_images} images "
+                     f"({AUTHORS_TRAIN_IMAGES} training images of the authors' split, last partial batch dropped) at "
+                     "the steady-state throughput of 'ours', plus its warm-up once; excludes per-epoch evaluation "
+                     "(test + validation, feature geometry), checkpointing and epoch-boundary costs."),
+        }
+    env = environment(device)
+    if device.type != "cuda":
+        env["device_name"] = f"{platform.processor() or platform.machine()} ({platform.platform()}, " \
+                             f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs)"
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "train_throughput",
+        "timestamp": started.isoformat(timespec="seconds"),
+        "device": env["device_name"],
+        "torch": torch.__version__,
+        "environment": env,
+        "code": code_version(),
+        "args": vars(args),
+        "data": {"name": data.name, "variant": data.variant, "train_images": len(data.train),
+                 "num_classes": data.num_classes},
+        "recipe": {
+            "model": args.model, "batch_size": args.batch_size,
+            "optimizer": OmegaConf.to_container(recipe.optim), "schedule": OmegaConf.to_container(recipe.sched),
+            "epochs": recipe.trainer.epochs,
+            "augment": asdict(data.augment), "mean": list(data.mean), "std": list(data.std),
+        },
+        "configs": configs,
+        "speedup_vs_reference": _ratio(a, c),
+        "opl_overhead": (1.0 - a / b) if a is not None and b else None,
+        "estimate_200_epochs": estimate,
+    }
+    for value in (result["speedup_vs_reference"], result["opl_overhead"]):
+        assert value is None or math.isfinite(value)
+    payload = json.dumps(result, indent=2, sort_keys=False, default=str) + "\n"
+    if args.out:
+        atomic_write_text(Path(args.out), payload)
+    sys.stdout.write(payload)
+    sys.stdout.flush()
+    return result
+
+
+if __name__ == "__main__":
+    main()

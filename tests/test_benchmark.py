@@ -1,0 +1,101 @@
+"""scripts/benchmark.py: the tiny CPU run end to end, its JSON record, and argument checking."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "benchmark.py"
+TINY = ["--device", "cpu", "--model", "resnet20", "--batch-size", "16", "--steps", "3", "--warmup-steps", "1",
+        "--ref-workers", "0", "--workers", "0", "--images", "128"]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bench_script():
+    spec = importlib.util.spec_from_file_location("opl_benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_cpu_run_reports_three_configs_and_consistent_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script(*TINY, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == result  # stdout carries exactly the JSON record
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # atomic write left no temp file
+
+    configs = result["configs"]
+    assert set(configs) == {"ours", "ours_ce", "reference"}
+    for name, c in configs.items():
+        assert math.isfinite(c["images_per_s"]) and c["images_per_s"] > 0, name
+        assert c["steps"] == 3 and c["images"] == 3 * 16
+        assert c["images_per_s"] == pytest.approx(c["images"] / c["seconds"])
+        assert c["warmup_steps"] == 1 and c["warmup_s"] > 0
+        assert math.isfinite(c["final_train_loss"])
+
+    a, b, c = (configs[k]["images_per_s"] for k in ("ours", "ours_ce", "reference"))
+    assert result["speedup_vs_reference"] == pytest.approx(a / c, rel=1e-12)
+    assert result["opl_overhead"] == pytest.approx(1.0 - a / b, rel=1e-12, abs=1e-12)
+    estimate = result["estimate_200_epochs"]
+    assert estimate["images_per_epoch"] == (45_000 // 16) * 16
+    assert estimate["seconds"] == pytest.approx(200 * estimate["images_per_epoch"] / a + configs["ours"]["warmup_s"])
+    assert "ESTIMATE" in estimate["note"] and "evaluation" in estimate["note"]
+
+    # What each configuration ran: the trainer with CE+OPL / CE, and the authors'-style eager fp32 loop.
+    ours, ours_ce, ref = (configs[k]["settings"] for k in ("ours", "ours_ce", "reference"))
+    assert "OrthogonalProjectionLoss" in ours["criterion"] and "OrthogonalProjectionLoss" not in ours_ce["criterion"]
+    assert ours["channels_last"] and not ours["compiled"] and ours["amp"] == "none"  # auto on CPU
+    assert not ref["channels_last"] and not ref["compiled"] and not ref["fused"] and "OrthogonalProjectionLoss" in ref["criterion"]
+    assert result["recipe"]["optimizer"]["lr"] == 0.1 and result["recipe"]["augment"]["brightness"] == 0.4
+    assert result["args"]["steps"] == 3 and result["args"]["configs"] == ["a", "b", "c"]
+    assert result["device"] and result["torch"] and result["timestamp"]
+
+
+def test_invalid_argument_exits_nonzero_with_message():
+    proc = run_script("--device", "cpu", "--steps", "0")
+    assert proc.returncode != 0
+    assert "--steps must be >= 1" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--batch-size", "1"], "OPL compares pairs"),
+    (["--model", "resnet18"], "invalid choice"),
+    (["--configs", "a,x"], "unknown configuration"),
+    (["--images", "8", "--batch-size", "16"], "at least one batch"),
+    (["--ref-workers", "-1"], "--ref-workers"),
+    (["--device", "tpu"], "auto, cpu, cuda or cuda:N"),
+])
+def test_bad_arguments_are_argparse_errors(bench_script, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        bench_script.parse_args(["--device", "cpu", *argv] if "--device" not in argv else argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_batch_of_one_is_allowed_without_opl(bench_script):
+    args = bench_script.parse_args(["--device", "cpu", "--batch-size", "1", "--configs", "ours_ce"])
+    assert args.configs == ["b"]
+
+
+def test_main_on_real_cifar100_through_the_experiment_split(bench_script, cifar100_root, capsys):
+    """Importable `main(argv)` on the real CIFAR-100 pickles (partial copy): the experiment's 10% split."""
+    result = bench_script.main(["--device", "cpu", "--model", "resnet20", "--batch-size", "16", "--steps", "1",
+                             "--warmup-steps", "0", "--workers", "0", "--configs", "a",
+                             "--cifar-root", str(cifar100_root)])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result, default=str))
+    assert result["data"]["variant"].startswith("cifar100/original|val=0.1@0")
+    assert result["configs"]["ours"]["images_per_s"] > 0
+    assert result["speedup_vs_reference"] is None and result["opl_overhead"] is None
