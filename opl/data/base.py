@@ -1,0 +1,67 @@
+"""What every dataset builder returns: in-memory uint8 splits plus how to augment and normalise them."""
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Per-sample training augmentation, applied in this order (the authors' CIFAR pipeline)."""
+
+    crop_padding: int = 0  # RandomCrop(size, padding=crop_padding) with zero fill; 0 disables
+    hflip: bool = False  # RandomHorizontalFlip(p=0.5)
+    brightness: float = 0.0  # ColorJitter factors, each drawn from [max(0, 1-x), 1+x]
+    contrast: float = 0.0
+    saturation: float = 0.0
+
+    @property
+    def jitter(self) -> bool:
+        return self.brightness > 0 or self.contrast > 0 or self.saturation > 0
+
+
+@dataclass
+class ImageTensors:
+    """A split held in memory: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        self.labels = self.labels.to(torch.int64)
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: np.ndarray) -> "ImageTensors":
+        index = torch.as_tensor(index, dtype=torch.int64)
+        return ImageTensors(self.images[index], self.labels[index])
+
+
+# A split is either resident in memory (CIFAR-sized data) or a map-style Dataset yielding
+# `(float tensor, label)` with its own transforms (large folder datasets).
+Split = ImageTensors | Dataset
+
+
+@dataclass
+class DataSpec:
+    name: str
+    # Identifies the exact data a number was obtained on (e.g. JPEG vs original pixels, subsets);
+    # results from different variants are never compared as the same cell.
+    variant: str
+    num_classes: int
+    train: Split
+    test: Split
+    val: Split | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+    def with_splits(self, **splits) -> "DataSpec":
+        return replace(self, **splits)

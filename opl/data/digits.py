@@ -1,0 +1,41 @@
+"""scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 10 classes): no download."""
+
+import numpy as np
+import torch
+
+from opl.data.base import AugmentSpec, DataSpec, ImageTensors
+from opl.data.prepare import finalize
+from opl.data.splits import validation_split
+
+
+def digits(
+    num_classes: int,
+    mean: list[float],
+    std: list[float],
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.0,
+    split_seed: int = 0,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> DataSpec:
+    """A seeded train/test split of `load_digits()`; pixels 0..16 are rescaled to 0..255 uint8."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    if num_classes != 10:
+        raise ValueError(f"digits has 10 classes, config says {num_classes}")
+    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    everything = ImageTensors(images, torch.from_numpy(bunch.target))
+    train_idx, test_idx = validation_split(len(everything), test_fraction, seed=0)  # fixed test set for every run
+    spec = DataSpec(
+        name="digits",
+        variant=f"digits/sklearn|test={test_fraction}@0",
+        num_classes=num_classes,
+        train=everything.subset(train_idx),
+        test=everything.subset(test_idx),
+        val=None,
+        mean=tuple(mean),
+        std=tuple(std),
+        augment=AugmentSpec(),
+    )
+    return finalize(spec, val_fraction, split_seed, limit_train, limit_test)

@@ -1,0 +1,37 @@
+"""Shared post-processing of every dataset: validation split, seeded subsets, variant label."""
+
+from torch.utils.data import Subset
+
+from opl.data.base import DataSpec, ImageTensors, Split
+from opl.data.splits import seeded_subset, validation_split
+
+
+def _take(split: Split, index) -> Split:
+    return split.subset(index) if isinstance(split, ImageTensors) else Subset(split, index.tolist())
+
+
+def finalize(
+    spec: DataSpec,
+    val_fraction: float = 0.0,
+    split_seed: int = 0,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> DataSpec:
+    """Carve the seeded validation split out of train, then optionally subsample train / test.
+
+    Every choice is appended to `variant` so that numbers from different data never mix.
+    """
+    variant, train, test, val = spec.variant, spec.train, spec.test, spec.val
+    if val_fraction:
+        if val is not None:
+            raise ValueError(f"{spec.name} has its own validation split; val_fraction must be 0")
+        train_idx, val_idx = validation_split(len(train), val_fraction, split_seed)
+        train, val = _take(train, train_idx), _take(train, val_idx)
+        variant += f"|val={val_fraction}@{split_seed}"
+    if limit_train is not None and limit_train < len(train):
+        train = _take(train, seeded_subset(len(train), limit_train, split_seed))
+        variant += f"|train={limit_train}@{split_seed}"
+    if limit_test is not None and limit_test < len(test):
+        test = _take(test, seeded_subset(len(test), limit_test, split_seed))
+        variant += f"|test={limit_test}@{split_seed}"
+    return spec.with_splits(train=train, test=test, val=val, variant=variant)
