@@ -10,6 +10,7 @@ import time
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -143,6 +144,9 @@ def main(cfg: DictConfig):
         return run(cfg)
     except OPLError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # Hydra finishes the sweep's other jobs, then reports this failure and exits non-zero.
+            raise
         sys.exit(2)
 
 

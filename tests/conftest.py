@@ -73,3 +73,20 @@ def cifar10_jpg_root(tmp_path_factory) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(root, filter="data")
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpg_format_root(tmp_path_factory) -> Path:
+    """A small class-folder JPEG tree in the cifar10-jpg layout (random pixels: format only)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("cifar10_jpg_format")
+    for split, per_class in (("train", 6), ("test", 2)):
+        for label in range(10):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=75)
+    return root

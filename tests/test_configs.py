@@ -48,22 +48,26 @@ def test_default_run_is_the_digits_opl_demo():
 
 
 def test_sweeps_compose():
-    for sweep, key, values in (("gamma", "loss.gamma", "0.1,0.25,0.5,1.0,2.0"), ("seeds", "seed", "0,1,2,3,4")):
+    for sweep, key, values in (("gamma", "loss.gamma", "0.1,0.25,0.5,1.0,2.0"), ("seeds", "seed", "0,1,2,3,4"),
+                               ("weight", "loss.weight", "0.1,0.25,0.5,1.0,2.0")):
         with initialize_config_dir(str(CONFIGS), version_base="1.3"):
             cfg = compose("train", overrides=["experiment=cifar100_opl", f"sweep={sweep}"], return_hydra_config=True)
         assert cfg.hydra.sweeper.params[key] == values
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar100_root, cifar10_format_root):
-    root = {"cifar100": cifar100_root, "cifar10": cifar10_format_root}
+def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar100_root, cifar10_format_root,
+                                                        cifar10_jpg_format_root):
+    roots = {"opl.data.cifar.cifar": lambda ds: (cifar100_root if ds.which == "cifar100" else cifar10_format_root),
+             "opl.data.folders.cifar10_jpg": lambda ds: cifar10_jpg_format_root}
     cfg = compose_experiment(
         name, "trainer.epochs=1", "trainer.batch_size=16", "trainer.device=cpu", "trainer.num_workers=0",
         "trainer.test_selection_from_epoch=null", "dataset.limit_train=32", "dataset.limit_test=16",
         "trainer.progress=line")
     if "root" in cfg.dataset:
-        cfg.dataset.root = str(root[cfg.dataset.which])
-        cfg.dataset.download = False
+        cfg.dataset.root = str(roots[cfg.dataset._target_](cfg.dataset))
+        if "download" in cfg.dataset:
+            cfg.dataset.download = False
     trainer, data = train.build(cfg, tmp_path, json.dumps(OmegaConf.to_container(cfg, resolve=True)))
     assert data.num_classes == cfg.model.num_classes
     summary = trainer.fit()
