@@ -7,6 +7,7 @@ can act on (missing data, bad values, corrupt checkpoints, NaN loss) print one m
 import json
 import sys
 import time
+from datetime import datetime, timezone
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,21 +20,9 @@ from opl.engine.trainer import Trainer, TrainerConfig
 from opl.errors import ConfigError, OPLError
 from opl.io import atomic_write_json
 from opl.logging import WandbLogger
+from opl.results.records import run_key, strip_keys
 from opl.runinfo import code_version, environment
 from opl.seed import seed_everything
-
-
-def experiment_config(resolved: dict, excluded: list[str]) -> dict:
-    """The resolved configuration without run-control keys: what a run folder is owned by."""
-    config = json.loads(json.dumps(resolved))
-    for dotted in excluded:
-        *parents, leaf = dotted.split(".")
-        node = config
-        for key in parents:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return config
 
 
 def instantiate_checked(node, **kwargs):
@@ -77,7 +66,7 @@ def run(cfg: DictConfig) -> dict | None:
     hydra_cfg = HydraConfig.get()
     run_dir = RunDir(hydra_cfg.runtime.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    owned_by = experiment_config(resolved, [k for k in hydra_cfg.job.config.override_dirname.exclude_keys if k != "seed"])
+    owned_by = strip_keys(resolved, [k for k in hydra_cfg.job.config.override_dirname.exclude_keys if k != "seed"])
     signature = json.dumps(owned_by, sort_keys=True)
 
     if cfg.eval_only:
@@ -120,11 +109,14 @@ def run(cfg: DictConfig) -> dict | None:
             "name": cfg.name,
             "seed": cfg.seed,
             "data_variant": data.variant,
+            "run_key": run_key(owned_by, cfg.seed, data.variant),
             "metrics": summary,
+            "experiment_config": owned_by,
             "config": resolved,
             "code": code_version(),
             "environment": environment(trainer.device),
             "wall_time_s": time.time() - started,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_dir": str(run_dir.path),
         }
         for logger in loggers:

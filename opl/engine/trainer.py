@@ -287,13 +287,19 @@ class Trainer:
         return line
 
     def summary(self) -> dict:
+        """Test metrics under each selection protocol, all with the same keys (top1, top5, ...)."""
         s = self.state
-        final = {k[len("test_"):]: v for k, v in (s.last_eval or {}).items() if k.startswith("test_")}
+
+        def test_metrics(evaluation: dict | None, **extra) -> dict | None:
+            if evaluation is None:
+                return None
+            test = {k[len("test_"):]: v for k, v in evaluation.items() if k.startswith("test_")}
+            return {"epoch": evaluation["epoch"], **extra, **test}
+
         return {
-            "final_epoch_test": {"epoch": s.last_eval["epoch"], **final} if s.last_eval else None,
-            "best_val_selected_test": s.best_val,
-            "authors_best_on_test": ({"from_epoch": self.cfg.test_selection_from_epoch, **s.best_test}
-                                     if s.best_test else None),
+            "final_epoch_test": test_metrics(s.last_eval),
+            "best_val_selected_test": test_metrics(s.best_val, val_top1=(s.best_val or {}).get("val_top1")),
+            "authors_best_on_test": test_metrics(s.best_test, from_epoch=self.cfg.test_selection_from_epoch),
             "epochs": s.epoch,
             "train_images_per_s": statistics.median(s.images_per_s) if s.images_per_s else None,
             "warmup_epoch_s": s.warmup_epoch_s,

@@ -1,0 +1,184 @@
+"""Self-describing result records: one JSON line per finished run in `results/records.jsonl`.
+
+A record carries what produced its numbers (the experiment configuration, seed, data variant, code
+commit, device) and is identified by a run key hashed from the configuration, the seed and the
+data variant, so the same run collected twice is one record and runs on different data never
+share a key.
+"""
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from opl.errors import OPLError
+from opl.io import atomic_write_text
+
+SCHEMA_VERSION = 1
+PROTOCOLS = ("final_epoch_test", "best_val_selected_test", "authors_best_on_test")
+PROTOCOL_NAMES = {
+    "final_epoch_test": "final epoch",
+    "best_val_selected_test": "best-validation epoch",
+    "authors_best_on_test": "authors' best-on-test (selected on the test set)",
+}
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_top1", "test_top1", "test_same_cos", "test_diff_cos",
+                "test_diff_abs_cos", "val_top1")
+
+
+class RecordError(OPLError):
+    """A malformed or inconsistent result record."""
+
+
+def strip_keys(config: dict, dotted_keys) -> dict:
+    """A copy of `config` without the given dotted keys (run-control settings such as `resume`)."""
+    config = json.loads(json.dumps(config))
+    for dotted in dotted_keys:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return config
+
+
+def run_key(experiment_config: dict, seed: int, data_variant: str) -> str:
+    """16 hex digits identifying what determined a run's numbers."""
+    canonical = json.dumps({"config": experiment_config, "seed": seed, "data_variant": data_variant},
+                           sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_overrides(run_config: dict, experiment_default: dict) -> dict:
+    """Dotted keys where a run's configuration differs from its experiment's definition."""
+    run, default = flatten(run_config), flatten(experiment_default)
+    return {k: v for k, v in sorted(run.items()) if k != "seed" and default.get(k, "<absent>") != v}
+
+
+def read_history(metrics_jsonl: Path) -> list[dict]:
+    """The evaluated epochs of a run's metrics.jsonl, reduced to the keys the figures use."""
+    history = []
+    for line in metrics_jsonl.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if "test_top1" in row:
+                history.append({k: row[k] for k in HISTORY_KEYS if k in row})
+    return history
+
+
+def make_record(results: dict, overrides: dict, history: list[dict]) -> dict:
+    """The record of one finished run from its results.json (schema 1 of train.py)."""
+    env = results.get("environment", {})
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "run_key": results.get("run_key"),
+        "experiment": results.get("name"),
+        "seed": results.get("seed"),
+        "data_variant": results.get("data_variant"),
+        "overrides": overrides,
+        "metrics": {p: results.get("metrics", {}).get(p) for p in PROTOCOLS},
+        "epochs": results.get("metrics", {}).get("epochs"),
+        "train_images_per_s": results.get("metrics", {}).get("train_images_per_s"),
+        "wall_time_s": results.get("wall_time_s"),
+        "finished_at": results.get("finished_at"),
+        "device": env.get("device_name"),
+        "torch": env.get("torch"),
+        "code": results.get("code"),
+        "history": history,
+        "config": results.get("experiment_config"),
+    }
+    validate_record(record, f"results.json of {results.get('run_dir', '?')}")
+    return record
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_record(record, where: str) -> None:
+    """Raise RecordError naming the first problem found in `record`."""
+    def fail(message):
+        raise RecordError(f"{where}: {message}")
+
+    if not isinstance(record, dict):
+        fail(f"a record must be a JSON object, got {type(record).__name__}")
+    if record.get("schema_version") != SCHEMA_VERSION:
+        fail(f"schema_version must be {SCHEMA_VERSION}, got {record.get('schema_version')!r}")
+    expected = {"run_key": str, "experiment": str, "seed": int, "data_variant": str, "overrides": dict,
+                "metrics": dict, "epochs": int, "finished_at": str, "device": str, "code": dict,
+                "history": list, "config": dict}
+    for field, kind in expected.items():
+        if field not in record:
+            fail(f"missing field {field!r}")
+        if not isinstance(record[field], kind) or (kind is int and isinstance(record[field], bool)):
+            fail(f"field {field!r} must be {kind.__name__}, got {type(record[field]).__name__}")
+    final = record["metrics"].get("final_epoch_test")
+    if not isinstance(final, dict):
+        fail("metrics.final_epoch_test is missing: the run never evaluated on the test set")
+    for protocol in PROTOCOLS:
+        metrics = record["metrics"].get(protocol)
+        if metrics is None:
+            continue
+        if not isinstance(metrics, dict) or not _is_number(metrics.get("top1")):
+            fail(f"metrics.{protocol}.top1 must be a finite number")
+        if not 0.0 <= metrics["top1"] <= 100.0:
+            fail(f"metrics.{protocol}.top1 = {metrics['top1']} is not a percentage")
+    key = run_key(record["config"], record["seed"], record["data_variant"])
+    if record["run_key"] != key:
+        fail(f"run_key {record['run_key']!r} does not match its config, seed and data_variant ({key!r})")
+
+
+def load_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        validate_record(record, f"{path}:{number}")
+        records.append(record)
+    keys = [r["run_key"] for r in records]
+    if len(set(keys)) != len(keys):
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        raise RecordError(f"{path}: run keys appear more than once: {', '.join(duplicated)}")
+    return records
+
+
+def merge_records(existing: list[dict], new: list[dict]) -> tuple[list[dict], dict]:
+    """One record per run key (the later-finished one wins), sorted by key; counts of what changed."""
+    merged = {r["run_key"]: r for r in existing}
+    counts = {"added": 0, "replaced": 0, "unchanged": 0}
+    for record in new:
+        old = merged.get(record["run_key"])
+        if old is None:
+            counts["added"] += 1
+        elif old == record or old["finished_at"] >= record["finished_at"]:
+            counts["unchanged"] += 1
+            continue
+        else:
+            counts["replaced"] += 1
+        merged[record["run_key"]] = record
+    return [merged[k] for k in sorted(merged)], counts
+
+
+def dumps_records(records: list[dict]) -> str:
+    return "".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in records)
+
+
+def write_records(path: str | Path, records: list[dict]) -> None:
+    atomic_write_text(path, dumps_records(records))
