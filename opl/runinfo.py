@@ -1,5 +1,6 @@
 """What produced a result: code version, library versions and the device."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -25,13 +26,26 @@ def code_version() -> dict:
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
+def cpu_name() -> str:
+    """e.g. "Intel(R) Xeon(R) Processor, 2 CPUs" (platform.processor() is often just the architecture)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs"
+
+
 def environment(device: torch.device) -> dict:
     info = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),
         "device": str(device),
-        "device_name": platform.processor() or platform.machine(),
+        "device_name": cpu_name(),
     }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)

@@ -69,8 +69,6 @@ import contextlib
 import gc
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -450,8 +448,7 @@ def main(argv=None) -> dict:
         }
     env = environment(device)
     if device.type != "cuda":
-        env["device_name"] = f"{platform.processor() or platform.machine()} ({platform.platform()}, " \
-                             f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs)"
+        env["device_name"] += f", {torch.get_num_threads()} torch threads"
     result = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "train_throughput",

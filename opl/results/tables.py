@@ -1,0 +1,343 @@
+"""The paper's tables next to ours: table specifications (YAML), cell aggregation, Markdown and LaTeX.
+
+A table specification lists the paper's cells (row, column, value) and, where this repository has
+an experiment for a cell, a selector naming the records that fill it: experiment, data variant and
+configuration overrides (exact match, so runs on other data or other settings never mix in). Every
+cell is rendered, with a dash where nothing has been run. Output is a pure function of the specs
+and the records: no clock, no machine state.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from opl.errors import OPLError
+from opl.results.records import PROTOCOL_NAMES, PROTOCOLS
+from opl.results.stats import Interval, Summary, mean_minus_constant, summarize, welch_difference
+
+DASH = "—"
+SPEC_KEYS = {"title", "source", "metric", "units", "decimals", "protocols", "paper_protocol", "status", "notes",
+             "cells", "comparisons"}
+CELL_KEYS = {"row", "column", "paper", "paper_pm", "metric", "ours"}
+SELECTOR_KEYS = {"experiment", "data_variant", "overrides"}
+
+
+class SpecError(OPLError):
+    """A malformed table specification."""
+
+
+@dataclass(frozen=True)
+class Selector:
+    experiment: str
+    data_variant: str
+    overrides: dict = field(default_factory=dict)
+
+    def matches(self, record: dict) -> bool:
+        return (record["experiment"] == self.experiment and record["data_variant"] == self.data_variant
+                and record["overrides"] == self.overrides)
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: str
+    column: str
+    metric: str
+    paper: float | None
+    paper_pm: float | None
+    ours: Selector | None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    label: str
+    column: str
+    treatment: str
+    baseline: str
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    title: str
+    source: str
+    metric: str
+    units: str
+    decimals: int
+    protocols: tuple[str, ...]
+    paper_protocol: str | None
+    status: str | None
+    notes: str | None
+    cells: tuple[Cell, ...]
+    comparisons: tuple[Comparison, ...]
+
+    def cell(self, row: str, column: str) -> Cell:
+        for cell in self.cells:
+            if (cell.row, cell.column) == (row, column):
+                return cell
+        raise SpecError(f"table {self.name}: no cell ({row!r}, {column!r})")
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _require(mapping, key, where, kind=None):
+    if key not in mapping:
+        raise SpecError(f"{where}: missing {key!r}")
+    value = mapping[key]
+    if kind is not None and not isinstance(value, kind):
+        raise SpecError(f"{where}: {key!r} must be {kind.__name__ if isinstance(kind, type) else kind}, got {value!r}")
+    return value
+
+
+def _unknown(mapping, allowed, where):
+    extra = sorted(set(mapping) - allowed)
+    if extra:
+        raise SpecError(f"{where}: unknown keys {extra}; allowed: {sorted(allowed)}")
+
+
+def _number_or_none(value, key, where):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise SpecError(f"{where}: {key!r} must be a number or null, got {value!r}")
+    return None if value is None else float(value)
+
+
+def parse_spec(name: str, data) -> TableSpec:
+    where = f"table {name}"
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: the file must hold a mapping")
+    _unknown(data, SPEC_KEYS, where)
+    metric = _require(data, "metric", where, str)
+    protocols = tuple(data.get("protocols", ["final_epoch_test"]))
+    for protocol in protocols + ((data["paper_protocol"],) if data.get("paper_protocol") else ()):
+        if protocol not in PROTOCOLS:
+            raise SpecError(f"{where}: unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
+    cells = []
+    for i, raw in enumerate(_require(data, "cells", where, list)):
+        cw = f"{where}, cell {i + 1}"
+        if not isinstance(raw, dict):
+            raise SpecError(f"{cw}: must be a mapping")
+        _unknown(raw, CELL_KEYS, cw)
+        ours = raw.get("ours")
+        if ours is not None:
+            if not isinstance(ours, dict):
+                raise SpecError(f"{cw}: 'ours' must be a mapping or null")
+            _unknown(ours, SELECTOR_KEYS, cw)
+            ours = Selector(_require(ours, "experiment", cw, str), _require(ours, "data_variant", cw, str),
+                            dict(ours.get("overrides") or {}))
+        cells.append(Cell(str(_require(raw, "row", cw)), str(_require(raw, "column", cw)), raw.get("metric", metric),
+                          _number_or_none(raw.get("paper"), "paper", cw),
+                          _number_or_none(raw.get("paper_pm"), "paper_pm", cw), ours))
+    seen = set()
+    for cell in cells:
+        if (cell.row, cell.column) in seen:
+            raise SpecError(f"{where}: cell ({cell.row!r}, {cell.column!r}) appears twice")
+        seen.add((cell.row, cell.column))
+    comparisons = []
+    for i, raw in enumerate(data.get("comparisons") or []):
+        cw = f"{where}, comparison {i + 1}"
+        comparison = Comparison(str(_require(raw, "label", cw)), str(_require(raw, "column", cw)),
+                                str(_require(raw, "treatment", cw)), str(_require(raw, "baseline", cw)))
+        for row in (comparison.treatment, comparison.baseline):
+            if (row, comparison.column) not in seen:
+                raise SpecError(f"{cw}: no cell ({row!r}, {comparison.column!r})")
+        comparisons.append(comparison)
+    return TableSpec(name=name, title=_require(data, "title", where, str), source=_require(data, "source", where, str),
+                     metric=metric, units=str(data.get("units", "")), decimals=int(data.get("decimals", 2)),
+                     protocols=protocols, paper_protocol=data.get("paper_protocol"), status=data.get("status"),
+                     notes=data.get("notes"), cells=tuple(cells), comparisons=tuple(comparisons))
+
+
+def load_specs(folder: str | Path) -> list[TableSpec]:
+    folder = Path(folder)
+    paths = sorted(folder.glob("*.yaml"))
+    if not paths:
+        raise SpecError(f"no table specifications (*.yaml) in {folder}")
+    specs = []
+    for path in paths:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{path}: not valid YAML ({exc})") from exc
+        specs.append(parse_spec(path.stem, data))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------- numbers
+def metric_value(record: dict, protocol: str, metric: str) -> float | None:
+    metrics = record["metrics"].get(protocol)
+    return None if metrics is None else metrics.get(metric)
+
+
+@dataclass(frozen=True)
+class CellResult:
+    cell: Cell
+    protocol: str
+    records: tuple[dict, ...]  # the records that produced a value under this protocol
+    summary: Summary | None
+    vs_paper: Interval | None
+
+
+def cell_result(cell: Cell, protocol: str, records: list[dict]) -> CellResult:
+    chosen = [r for r in records if cell.ours is not None and cell.ours.matches(r)]
+    chosen = [r for r in chosen if metric_value(r, protocol, cell.metric) is not None]
+    chosen.sort(key=lambda r: (r["seed"], r["run_key"]))
+    if not chosen:
+        return CellResult(cell, protocol, (), None, None)
+    values = [metric_value(r, protocol, cell.metric) for r in chosen]
+    vs_paper = mean_minus_constant(values, cell.paper) if cell.paper is not None else None
+    return CellResult(cell, protocol, tuple(chosen), summarize(values), vs_paper)
+
+
+def comparison_interval(spec: TableSpec, comparison: Comparison, protocol: str, records: list[dict]):
+    treatment = cell_result(spec.cell(comparison.treatment, comparison.column), protocol, records)
+    baseline = cell_result(spec.cell(comparison.baseline, comparison.column), protocol, records)
+    ours = None
+    if treatment.summary and baseline.summary:
+        ours = welch_difference([metric_value(r, protocol, treatment.cell.metric) for r in treatment.records],
+                                [metric_value(r, protocol, baseline.cell.metric) for r in baseline.records])
+    paper = None
+    if treatment.cell.paper is not None and baseline.cell.paper is not None:
+        paper = treatment.cell.paper - baseline.cell.paper
+    return paper, ours, treatment, baseline
+
+
+# ---------------------------------------------------------------------------------------- formatting
+def _fmt(value: float | None, decimals: int, signed: bool = False) -> str:
+    if value is None:
+        return DASH
+    text = f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
+    return "-" + text[1:] if text.startswith("-") else text
+
+
+def format_paper(cell: Cell, decimals: int) -> str:
+    if cell.paper is None:
+        return DASH
+    text = _fmt(cell.paper, decimals)
+    return text + (f" ± {_fmt(cell.paper_pm, decimals)}" if cell.paper_pm is not None else "")
+
+
+def format_summary(summary: Summary | None, decimals: int) -> str:
+    if summary is None:
+        return DASH
+    spread = _fmt(summary.std, decimals) if summary.std is not None else DASH
+    return f"{_fmt(summary.mean, decimals)} ± {spread} (n={summary.n})"
+
+
+def format_interval(interval: Interval | None, decimals: int) -> str:
+    if interval is None:
+        return DASH
+    if interval.low is None:
+        return f"{_fmt(interval.estimate, decimals, True)} (no CI: n < 2)"
+    return (f"{_fmt(interval.estimate, decimals, True)} "
+            f"[{_fmt(interval.low, decimals, True)}, {_fmt(interval.high, decimals, True)}]")
+
+
+def format_verdict(interval: Interval | None) -> str:
+    if interval is None:
+        return DASH
+    verdict = interval.excludes_zero
+    return "n/a (needs ≥ 2 seeds)" if verdict is None else ("yes" if verdict else "no")
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _run_keys(records) -> str:
+    return ", ".join(r["run_key"][:8] for r in records) or DASH
+
+
+def _title(spec: TableSpec) -> str:
+    return f"{spec.title} ({spec.metric}{', ' + spec.units if spec.units else ''})"
+
+
+def cell_rows(spec: TableSpec, records: list[dict]) -> list[list[str]]:
+    rows = []
+    for cell in spec.cells:
+        for protocol in spec.protocols:
+            result = cell_result(cell, protocol, records)
+            variant = cell.ours.data_variant if cell.ours else DASH
+            rows.append([cell.row, cell.column, PROTOCOL_NAMES[protocol], format_paper(cell, spec.decimals),
+                         format_summary(result.summary, spec.decimals),
+                         format_interval(result.vs_paper, spec.decimals), format_verdict(result.vs_paper),
+                         variant, _run_keys(result.records)])
+    return rows
+
+
+def comparison_rows(spec: TableSpec, records: list[dict]) -> list[list[str]]:
+    rows = []
+    for comparison in spec.comparisons:
+        for protocol in spec.protocols:
+            paper, ours, treatment, baseline = comparison_interval(spec, comparison, protocol, records)
+            n = f"{treatment.summary.n} vs {baseline.summary.n}" if ours else DASH
+            rows.append([comparison.label, comparison.column, PROTOCOL_NAMES[protocol], _fmt(paper, spec.decimals, True),
+                         format_interval(ours, spec.decimals), n, format_verdict(ours)])
+    return rows
+
+
+CELL_HEADER = ["row", "column", "protocol (ours)", "paper", "ours: mean ± std (n)", "ours − paper [95% CI]",
+               "differs from paper?", "data variant", "runs"]
+COMPARISON_HEADER = ["comparison", "column", "protocol (ours)", "paper Δ", "ours Δ [95% Welch CI]", "seeds",
+                     "distinguishable from seed noise?"]
+
+
+def summary_markdown(spec: TableSpec, records: list[dict], heading: str = "##") -> list[str]:
+    """The cells and the OPL-vs-baseline comparisons: what the README shows."""
+    lines = [f"{heading} {_title(spec)}", ""]
+    lines.append(f"Source: {spec.source}." + (f" Paper's protocol: {PROTOCOL_NAMES[spec.paper_protocol]}."
+                                              if spec.paper_protocol else ""))
+    if spec.status:
+        lines += ["", f"Status: {spec.status.strip()}"]
+    lines += [""] + _md_table(CELL_HEADER, cell_rows(spec, records))
+    if spec.comparisons:
+        lines += [""] + _md_table(COMPARISON_HEADER, comparison_rows(spec, records))
+    return lines
+
+
+def table_markdown(spec: TableSpec, records: list[dict]) -> str:
+    lines = ["<!-- generated by scripts/make_tables.py from results/records.jsonl; do not edit -->", ""]
+    lines += summary_markdown(spec, records, heading="#")
+    if spec.notes:
+        lines += ["", f"Notes: {spec.notes.strip()}"]
+    used = {}
+    for cell in spec.cells:
+        for protocol in spec.protocols:
+            for record in cell_result(cell, protocol, records).records:
+                used[record["run_key"]] = record
+    lines += ["", "## Runs behind the cells", ""]
+    if used:
+        rows = []
+        for key in sorted(used, key=lambda k: (used[k]["experiment"], used[k]["seed"], k)):
+            r = used[key]
+            overrides = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(none)"
+            commit = (r["code"].get("commit") or "unknown")[:10] + (" (dirty)" if r["code"].get("dirty") else "")
+            rows.append([key, r["experiment"], str(r["seed"]), overrides, r["data_variant"], str(r["epochs"]),
+                         r["device"], commit, r["finished_at"]])
+        lines += _md_table(["run key", "experiment", "seed", "overrides", "data variant", "epochs", "device", "commit",
+                            "finished"], rows)
+    else:
+        lines.append("None yet.")
+    return "\n".join(lines) + "\n"
+
+
+def _tex_escape(text: str) -> str:
+    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "±": r"$\pm$", "—": "--",
+                    "−": "$-$", "Δ": r"$\Delta$", "≥": r"$\geq$", "'": "'"}
+    return "".join(replacements.get(ch, ch) for ch in str(text))
+
+
+def table_latex(spec: TableSpec, records: list[dict]) -> str:
+    header = ["row", "column", "protocol", "paper", "ours: mean $\\pm$ std (n)", "ours $-$ paper [95\\% CI]"]
+    lines = ["% generated by scripts/make_tables.py from results/records.jsonl; do not edit",
+             "\\begin{table}[t]", "\\centering", f"\\caption{{{_tex_escape(_title(spec))}}}",
+             "\\begin{tabular}{llllll}", "\\hline", " & ".join(header) + " \\\\", "\\hline"]
+    for row in cell_rows(spec, records):
+        lines.append(" & ".join(_tex_escape(c) for c in row[:6]) + " \\\\")
+    lines += ["\\hline", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,99 @@
+"""Gather every finished run's results.json into results/records.jsonl (one line per run key).
+
+    python scripts/collect_results.py                     # scans runs/
+    python scripts/collect_results.py /path/to/runs ...   # other run folders (e.g. copied from a GPU box)
+
+A run counts as finished when its folder has results.json and the DONE marker; folders moved aside
+by force=true (superseded-*) are skipped. Each record stores the overrides of its configuration
+against the experiment's current definition (so a table cell can ask for the experiment as
+defined, or for one sweep point), the per-epoch evaluations of metrics.jsonl (for the figures),
+and what produced it (config, commit, device). Records already in the file are kept; the same run
+key collected again keeps the later-finished run. Exit 2 with a message on a malformed input.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from opl.errors import OPLError  # noqa: E402
+from opl.results.records import (RecordError, config_overrides, load_records, make_record, merge_records,  # noqa: E402
+                                 read_history, strip_keys, write_records)
+
+
+def finished_runs(roots: list[Path]) -> list[Path]:
+    found = set()
+    for root in roots:
+        if not root.is_dir():
+            raise RecordError(f"{root} is not a folder of runs")
+        for results in root.rglob("results.json"):
+            if (results.parent / "DONE").exists() and not any(p.startswith("superseded-") for p in results.parts):
+                found.add(results.parent)
+    return sorted(found)
+
+
+class ExperimentDefaults:
+    """The experiment configuration `train.py experiment=<name>` composes today, run-control keys removed."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def __call__(self, name: str) -> dict:
+        if name not in self.cache:
+            try:
+                with initialize_config_dir(str(REPO_ROOT / "configs"), version_base="1.3"):
+                    cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
+            except HydraException as exc:
+                raise RecordError(f"experiment {name!r} no longer composes ({exc}); its runs cannot be labelled") from exc
+            excluded = [k for k in cfg.hydra.job.config.override_dirname.exclude_keys if k != "seed"]
+            container = OmegaConf.to_container(cfg, resolve=False)
+            del container["hydra"]
+            # Resolved (e.g. model.num_classes) as the run's own configuration is.
+            resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+            self.cache[name] = strip_keys(resolved, excluded)
+        return self.cache[name]
+
+
+def record_of(run_dir: Path, defaults: ExperimentDefaults) -> dict:
+    results_path = run_dir / "results.json"
+    try:
+        results = json.loads(results_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{results_path}: not valid JSON ({exc.msg})") from exc
+    if results.get("schema_version") != 1 or "run_key" not in results or "experiment_config" not in results:
+        raise RecordError(f"{results_path}: not a results.json of this version of train.py (schema 1 with run_key)")
+    overrides = config_overrides(results["experiment_config"], defaults(results["name"]))
+    metrics = run_dir / "metrics.jsonl"
+    history = read_history(metrics) if metrics.exists() else []
+    return make_record(results, overrides, history)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("roots", nargs="*", default=["runs"], help="folders holding run directories (default runs/)")
+    parser.add_argument("--records", default=str(REPO_ROOT / "results" / "records.jsonl"))
+    args = parser.parse_args(argv)
+    try:
+        existing = load_records(args.records)
+        defaults = ExperimentDefaults()
+        new = [record_of(run_dir, defaults) for run_dir in finished_runs([Path(r) for r in args.roots])]
+        records, counts = merge_records(existing, new)
+        write_records(args.records, records)
+    except OPLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.records}: {len(records)} records ({counts['added']} added, {counts['replaced']} replaced, "
+          f"{counts['unchanged']} unchanged) from {len(new)} finished runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
