@@ -15,6 +15,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from opl.data.noise import LabelNoise, with_label_noise
+from opl.engine.adversarial import AdversarialConfig
 from opl.engine.run_dir import RunDir
 from opl.engine.trainer import Trainer, TrainerConfig
 from opl.errors import ConfigError, OPLError
@@ -54,12 +56,24 @@ def build(cfg: DictConfig, run_dir, signature: str | None, loggers=()):
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"trainer: {exc}") from exc
     data = instantiate_checked(cfg.dataset)
+    if cfg.label_noise.kind != "none":
+        try:
+            noise = LabelNoise(cfg.label_noise.kind, cfg.label_noise.rate, cfg.label_noise.seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        data = with_label_noise(data, noise)
+        facts = data.notes["label_noise"]
+        print(f"label noise: {noise.kind} at rate {noise.rate}: {facts['flipped']} of {facts['train_samples']} "
+              f"training labels changed (realised rate {facts['realised_rate']:.4f})")
     model = instantiate_checked(cfg.model)
     criterion = instantiate_checked(cfg.loss)
     optimizer_factory = instantiate_checked(cfg.optim)
     schedule = OmegaConf.to_container(cfg.sched, resolve=True)
+    adversarial = None
+    if cfg.adversarial.method != "none":
+        adversarial = AdversarialConfig(**cfg.adversarial)
     return Trainer(trainer_cfg, model, criterion, data, optimizer_factory, schedule, run_dir, cfg.seed,
-                   loggers=loggers, config_signature=signature), data
+                   loggers=loggers, config_signature=signature, adversarial=adversarial), data
 
 
 def run(cfg: DictConfig) -> dict | None:
@@ -109,6 +123,7 @@ def run(cfg: DictConfig) -> dict | None:
             "name": cfg.name,
             "seed": cfg.seed,
             "data_variant": data.variant,
+            "data_notes": data.notes,
             "run_key": run_key(owned_by, cfg.seed, data.variant),
             "metrics": summary,
             "experiment_config": owned_by,

@@ -35,7 +35,8 @@ def finished_runs(roots: list[Path]) -> list[Path]:
         if not root.is_dir():
             raise RecordError(f"{root} is not a folder of runs")
         for results in root.rglob("results.json"):
-            if (results.parent / "DONE").exists() and not any(p.startswith("superseded-") for p in results.parts):
+            inside = results.relative_to(root).parts  # a root that is itself named superseded-* still counts
+            if (results.parent / "DONE").exists() and not any(p.startswith("superseded-") for p in inside):
                 found.add(results.parent)
     return sorted(found)
 
@@ -68,8 +69,10 @@ def record_of(run_dir: Path, defaults: ExperimentDefaults) -> dict:
         results = json.loads(results_path.read_text())
     except json.JSONDecodeError as exc:
         raise RecordError(f"{results_path}: not valid JSON ({exc.msg})") from exc
-    if results.get("schema_version") != 1 or "run_key" not in results or "experiment_config" not in results:
-        raise RecordError(f"{results_path}: not a results.json of this version of train.py (schema 1 with run_key)")
+    required = ("experiment_config", "seed", "data_variant", "name")
+    if results.get("schema_version") != 1 or any(k not in results for k in required):
+        raise RecordError(f"{results_path}: not a results.json of this version of train.py "
+                          f"(schema 1 with {', '.join(required)})")
     overrides = config_overrides(results["experiment_config"], defaults(results["name"]))
     metrics = run_dir / "metrics.jsonl"
     history = read_history(metrics) if metrics.exists() else []

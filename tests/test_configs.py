@@ -21,6 +21,27 @@ def compose_experiment(name, *overrides):
 def test_every_required_experiment_exists():
     assert {"cifar100_ce", "cifar100_opl", "cifar100_r110_ce", "cifar100_r110_opl", "cifar10_ce", "cifar10_opl",
             "digits_ce", "digits_opl"} <= set(EXPERIMENTS)
+    robustness = {f"{d}_noise_{n}_{m}" for d in ("cifar10", "cifar100") for n in ("sym", "pair") for m in ("tl", "tl_opl")}
+    robustness |= {f"{d}_{m}" for d in ("cifar10", "cifar100") for m in ("pgd_at", "pgd_at_opl", "mart", "mart_opl")}
+    assert robustness <= set(EXPERIMENTS)
+
+
+def test_label_noise_and_adversarial_recipes():
+    tl = compose_experiment("cifar100_noise_pair_tl_opl")
+    assert tl.model._target_ == "opl.models.resnet18_cifar" and tl.dataset.which == "cifar100"
+    assert (tl.label_noise.kind, tl.label_noise.rate) == ("pairflip", 0.4)
+    assert (tl.loss.q, tl.loss.k, tl.loss.start_epoch, tl.loss.refresh_every) == (0.7, 0.5, 80, 10)
+    assert (tl.loss.weight, tl.loss.gamma) == (0.1, 2.0)
+    assert (tl.optim.lr, tl.optim.momentum, tl.optim.weight_decay) == (0.01, 0.9, 1e-4)
+    assert list(tl.sched.milestones) == [80, 120] and tl.trainer.epochs == 150
+    c10 = compose_experiment("cifar10_noise_sym_tl")
+    assert c10.loss.start_epoch == 40 and list(c10.sched.milestones) == [40, 80] and c10.trainer.epochs == 120
+    assert c10.label_noise.kind == "symmetric" and "weight" not in c10.loss
+    mart = compose_experiment("cifar10_mart_opl")
+    assert (mart.adversarial.method, mart.adversarial.eps, mart.adversarial.step_size) == ("mart", 8, 2)
+    assert (mart.adversarial.steps, mart.adversarial.eval_steps, mart.adversarial.beta) == (10, 20, 6.0)
+    assert mart.loss._target_ == "opl.losses.ce_plus_opl" and mart.trainer.compile is False
+    assert compose_experiment("cifar100_pgd_at").adversarial.method == "pgd_at"
 
 
 def test_cifar100_opl_is_the_authors_recipe():
@@ -64,6 +85,8 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
         name, "trainer.epochs=1", "trainer.batch_size=16", "trainer.device=cpu", "trainer.num_workers=0",
         "trainer.test_selection_from_epoch=null", "dataset.limit_train=32", "dataset.limit_test=16",
         "trainer.progress=line")
+    if cfg.adversarial.method != "none":  # the recipe's PGD-10 / PGD-20 on CPU would dominate the suite
+        cfg.adversarial.steps = cfg.adversarial.eval_steps = 1
     if "root" in cfg.dataset:
         cfg.dataset.root = str(roots[cfg.dataset._target_](cfg.dataset))
         if "download" in cfg.dataset:
@@ -73,3 +96,5 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
     summary = trainer.fit()
     assert summary["epochs"] == 1 and 0.0 <= summary["final_epoch_test"]["top1"] <= 100.0
     assert summary["final_epoch_test"]["loss"] > 0
+    if cfg.adversarial.method != "none":
+        assert 0.0 <= summary["final_epoch_test"]["adv_top1"] <= summary["final_epoch_test"]["top1"] + 100.0 / 16

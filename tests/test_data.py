@@ -148,16 +148,17 @@ def test_loaders_batches_and_resumable_order(kind):
     # With num_workers=0 the PIL transforms draw from the global torch RNG, which the trainer
     # checkpoints alongside the loader state.
     state, global_rng = loader.state_dict(), torch.get_rng_state()
-    first = [(x.clone(), y.clone()) for x, y in loader]
+    first = [(x.clone(), y.clone(), i.clone()) for x, y, i in loader]
     loader.load_state_dict(state)
     torch.set_rng_state(global_rng)
     second = list(loader)
-    for (x1, y1), (x2, y2) in zip(first, second):
+    for (x1, y1, i1), (x2, y2, i2) in zip(first, second):
         assert x1.shape == (32, 3, 32, 32) and x1.dtype == torch.float32
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    # Shuffled: one epoch covers each sample once, not in storage order.
-    labels = torch.cat([y for _, y in first])
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(i1, i2)
+    # Shuffled: one epoch covers each sample once, not in storage order; the index says which sample.
+    labels, index = torch.cat([y for _, y, _ in first]), torch.cat([i for _, _, i in first])
     assert sorted(labels.tolist()) == sorted(spec.train.labels.tolist()) and labels.tolist() != spec.train.labels.tolist()
+    assert len(set(index.tolist())) == len(index) and torch.equal(spec.train.labels[index], labels)
 
 
 @pytest.mark.parametrize("kind", ["device", "dataloader"])
@@ -165,7 +166,8 @@ def test_eval_loader_is_ordered_normalised_and_complete(kind):
     spec = _spec(n=70)
     loader = build_loader(spec, spec.test, False, 32, torch.device("cpu"), kind)
     batches = list(loader)
-    assert [len(y) for _, y in batches] == [32, 32, 6]
+    assert [len(y) for _, y, _ in batches] == [32, 32, 6]
+    assert torch.equal(torch.cat([i for _, _, i in batches]), torch.arange(70))
     x = torch.cat([b[0] for b in batches])
     expected = (spec.test.images.float() / 255 - 0.5) / 0.25
     assert torch.allclose(x, expected, atol=1e-5)

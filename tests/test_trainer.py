@@ -19,14 +19,15 @@ SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-
 SCHEDULE = {"kind": "multistep", "milestones": [2], "gamma": 0.2, "warmup_epochs": 1}
 
 
-def make_trainer(run_dir, seed=0, criterion=None, val=0.0, callbacks=(), signature="sig", **overrides):
+def make_trainer(run_dir, seed=0, criterion=None, val=0.0, callbacks=(), signature="sig", adversarial=None,
+                 **overrides):
     seed_everything(seed)
     data = digits(10, [0.3053], [0.3759], val_fraction=val, limit_train=400, limit_test=200)
     cfg = TrainerConfig(**{"epochs": 4, "batch_size": 32, "eval_batch_size": 100, "device": "cpu",
                            "num_workers": 0, "log_every": 5, "progress": "line", **overrides})
     model = MLP(10, 64, (64, 32))
     return Trainer(cfg, model, criterion or ce_plus_opl(), data, SGD, SCHEDULE, run_dir, seed,
-                   callbacks=callbacks, config_signature=signature)
+                   callbacks=callbacks, config_signature=signature, adversarial=adversarial)
 
 
 def lines(path):
@@ -159,9 +160,9 @@ class Explode(torch.nn.Module):
         self.inner, self.at_step, self.calls = ce_plus_opl(), at_step, 0
         self.needs_pairs = True
 
-    def forward(self, logits, features, labels):
+    def forward(self, logits, features, labels, index=None):
         self.calls += 1
-        parts = self.inner(logits, features, labels)
+        parts = self.inner(logits, features, labels, index)
         if self.calls >= self.at_step:
             parts["loss"] = parts["loss"] * float("nan")
         return parts

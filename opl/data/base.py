@@ -62,6 +62,8 @@ class DataSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    # Facts about the data worth keeping with the results (e.g. the realised label-noise rate).
+    notes: dict = field(default_factory=dict)
 
     def with_splits(self, **splits) -> "DataSpec":
         return replace(self, **splits)

@@ -1,7 +1,8 @@
 """Batches for the trainer: a GPU-resident path for in-memory data and a DataLoader path.
 
-Both yield `(images, labels)` on the target device, images normalised float (channels_last when
-asked), and both own a seeded generator whose state is checkpointed, so a resumed run sees the
+Both yield `(images, labels, index)` on the target device: images normalised float (channels_last
+when asked), and each sample's position in its split (for per-sample state such as the truncated
+loss's weights). Both own a seeded generator whose state is checkpointed, so a resumed run sees the
 same batches as an uninterrupted one.
 """
 
@@ -38,7 +39,7 @@ class DeviceTensorLoader:
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.augment(self.images[idx], self.train, self.generator)
-            yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
+            yield x.contiguous(memory_format=self.memory_format), self.labels[idx], idx
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -64,6 +65,20 @@ class TensorImageDataset(Dataset):
         return self.transform(image), self.labels[i]
 
 
+class IndexedDataset(Dataset):
+    """`(x, label)` samples of any map-style dataset, with their index appended."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
 class DeviceDataLoader:
     """A DataLoader whose batches are moved to `device` (non-blocking from pinned memory)."""
 
@@ -74,7 +89,7 @@ class DeviceDataLoader:
         self.generator.manual_seed(seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
+            IndexedDataset(dataset), batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
             pin_memory=device.type == "cuda", generator=self.generator, persistent_workers=False,
         )
 
@@ -82,9 +97,9 @@ class DeviceDataLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for x, y in self.loader:
+        for x, y, idx in self.loader:
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            yield x, y.to(self.device, non_blocking=True)
+            yield x, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

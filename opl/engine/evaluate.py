@@ -1,4 +1,4 @@
-"""Top-1 / top-5 accuracy and feature geometry of a model on one split."""
+"""Predictions of a model on one split, and its top-1 / top-5 accuracy and feature geometry."""
 
 import contextlib
 
@@ -9,32 +9,33 @@ from opl.eval.geometry import feature_geometry
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, geometry: bool = True) -> dict[str, float]:
-    """Accuracies in percent; the mean cross-entropy; geometry over the whole split if asked."""
+def predict(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, keep_features: bool = True):
+    """(features or None, float logits, labels) of the whole split, in the loader's order, on its device."""
     was_training = model.training
     model.eval()
-    features, labels = [], []
-    correct1 = correct5 = loss_sum = torch.zeros((), dtype=torch.float64)
-    count = 0
-    for x, y in loader:
+    features, logits, labels = [], [], []
+    for x, y, _ in loader:
         with autocast():
-            f, logits = model(x)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == y[:, None]
-        correct1 = correct1.to(hits.device) + hits[:, 0].sum()
-        correct5 = correct5.to(hits.device) + hits.any(dim=1).sum()
-        loss_sum = loss_sum.to(hits.device) + F.cross_entropy(logits, y, reduction="sum").double()
-        count += y.shape[0]
-        if geometry:
+            f, out = model(x)
+        logits.append(out.float())
+        labels.append(y)
+        if keep_features:
             features.append(f.float())
-            labels.append(y)
     model.train(was_training)
+    return (torch.cat(features) if keep_features else None), torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, geometry: bool = True) -> dict[str, float]:
+    """Accuracies in percent; the mean cross-entropy; geometry over the whole split if asked."""
+    features, logits, labels = predict(model, loader, autocast, keep_features=geometry)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    count = labels.shape[0]
     metrics = {
-        "top1": 100.0 * correct1.item() / count,
-        "top5": 100.0 * correct5.item() / count,
-        "loss": loss_sum.item() / count,
+        "top1": 100.0 * hits[:, 0].sum().item() / count,
+        "top5": 100.0 * hits.any(dim=1).sum().item() / count,
+        "loss": F.cross_entropy(logits.double(), labels, reduction="sum").item() / count,
     }
     if geometry:
-        metrics.update(feature_geometry(torch.cat(features), torch.cat(labels)))
+        metrics.update(feature_geometry(features, labels))
     return metrics

@@ -18,8 +18,9 @@ from torch import nn
 
 from opl.data.base import DataSpec
 from opl.data.loaders import build_loader
+from opl.engine.adversarial import AdversarialConfig, AdversarialTrainStep, adversarial_accuracy
 from opl.engine.checkpoint import atomic_save, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state
-from opl.engine.evaluate import evaluate
+from opl.engine.evaluate import evaluate, predict
 from opl.engine.schedule import build_scheduler
 from opl.errors import CheckpointError, ConfigError, NonFiniteLossError
 from opl.logging import JsonlWriter, Progress
@@ -72,10 +73,10 @@ class TrainStep(nn.Module):
         self.criterion = criterion
         self.autocast = autocast
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict:
         with self.autocast():
             features, logits = self.model(x)
-        parts = self.criterion(logits, features, y)
+        parts = self.criterion(logits, features, y, index)
         parts["top1"] = (logits.argmax(dim=1) == y).float().mean() * 100.0
         return parts
 
@@ -97,8 +98,11 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg: TrainerConfig, model: nn.Module, criterion: nn.Module, data: DataSpec,
                  optimizer_factory: Callable, schedule: dict, run_dir: str | Path, seed: int = 0,
-                 loggers: tuple = (), callbacks: tuple = (), config_signature: str | None = None):
+                 loggers: tuple = (), callbacks: tuple = (), config_signature: str | None = None,
+                 adversarial: AdversarialConfig | None = None):
         self.cfg = cfg
+        self.adversarial = adversarial
+        self.seed = seed
         self.data = data
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +126,7 @@ class Trainer:
         self.model = model.to(self.device, memory_format=memory_format)
         self.criterion = criterion.to(self.device)
 
-        loader_args = dict(device=self.device, kind=cfg.loader, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+        self.loader_args = loader_args = dict(device=self.device, kind=cfg.loader, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
         self.train_loader = build_loader(data, data.train, True, cfg.batch_size, seed=seed, **loader_args)
         if len(self.train_loader) == 0:
             raise ConfigError(f"trainer.batch_size={cfg.batch_size} exceeds the {len(data.train)} training samples")
@@ -134,8 +138,16 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, len(self.train_loader), cfg.epochs, **schedule)
 
         self.step = TrainStep(self.model, self.criterion, self.autocast)
+        self.attack_generator = None
+        if adversarial is not None:
+            if cfg.compile is True:
+                raise ConfigError("trainer.compile=true is not supported with adversarial training yet "
+                                  "(the attack loop differentiates w.r.t. the input); use trainer.compile=false")
+            self.attack_generator = torch.Generator(device=self.device).manual_seed(seed)
+            self.step = AdversarialTrainStep(self.model, self.criterion, self.autocast, adversarial, data.mean, data.std,
+                                             self.attack_generator)
         self.cudagraphs = False
-        if cfg.compile is True or (cfg.compile == "auto" and self.device.type == "cuda"):
+        if cfg.compile is True or (cfg.compile == "auto" and self.device.type == "cuda" and adversarial is None):
             mode = cfg.compile_mode if cfg.compile_mode != "auto" else (
                 "reduce-overhead" if self.device.type == "cuda" else "default")
             self.cudagraphs = mode == "reduce-overhead" and self.device.type == "cuda"
@@ -158,7 +170,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "criterion": self.criterion.state_dict(),
             "rng": capture_rng_state(),
+            "attack_rng": None if self.attack_generator is None else self.attack_generator.get_state(),
             "train_loader": self.train_loader.state_dict(),
             "state": vars(self.state),
         }, self.last_checkpoint)
@@ -175,8 +189,11 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
+            self.criterion.load_state_dict(ckpt["criterion"])
             self.train_loader.load_state_dict(ckpt["train_loader"])
             restore_rng_state(ckpt["rng"])
+            if self.attack_generator is not None:
+                self.attack_generator.set_state(ckpt["attack_rng"])
             self.state = TrainState(**ckpt["state"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: training state does not fit this run ({type(exc).__name__}: {exc})") from exc
@@ -200,10 +217,10 @@ class Trainer:
         bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         step_no = torch.full((), self.state.global_step, dtype=torch.int64, device=self.device)
         start = time.perf_counter()
-        for x, y in self.train_loader:
+        for x, y, index in self.train_loader:
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            parts = self.step(x, y)
+            parts = self.step(x, y, index)
             loss = parts["loss"]
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -232,11 +249,23 @@ class Trainer:
         record.update(epoch_time_s=seconds, images_per_s=seen / seconds, lr=self.optimizer.param_groups[0]["lr"])
         return record
 
+    def predict(self, split) -> tuple:
+        """(features, logits, labels) of the current model over a whole split in its stored order,
+        without augmentation (e.g. the training set, for the truncated loss's weights)."""
+        loader = build_loader(self.data, split, False, self.cfg.eval_batch_size, **self.loader_args)
+        return predict(self.model, loader, self.autocast, keep_features=False)
+
     def evaluate_all(self) -> dict:
         out = {}
         for split, loader in self.eval_loaders.items():
             metrics = evaluate(self.model, loader, self.autocast, geometry=self.cfg.geometry and split == "test")
             out.update({f"{split}_{k}": v for k, v in metrics.items()})
+        if self.adversarial is not None:
+            # The same attack starts at every evaluation: epochs differ only by the model.
+            generator = torch.Generator(device=self.device).manual_seed(self.seed)
+            robust = adversarial_accuracy(self.model, self.eval_loaders["test"], self.autocast, self.data.mean,
+                                          self.data.std, self.adversarial, generator)
+            out.update({f"test_{k}": v for k, v in robust.items()})
         return out
 
     def _update_selection(self, epoch: int, evaluation: dict) -> None:
@@ -253,8 +282,10 @@ class Trainer:
     def fit(self) -> dict:
         """Train from `state.epoch` to `cfg.epochs`; return the summary for results.json."""
         first_epoch_of_process = True
+        before_epoch = getattr(self.criterion, "before_epoch", None)
         for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
-            record = {"epoch": epoch, **self._train_epoch(epoch)}
+            extra = before_epoch(epoch, self) if before_epoch is not None else {}
+            record = {"epoch": epoch, **self._train_epoch(epoch), **extra}
             if first_epoch_of_process:
                 self.state.warmup_epoch_s.append(record["epoch_time_s"])
             else:
@@ -282,6 +313,8 @@ class Trainer:
                 f"lr {r['lr']:.4g}  {r['images_per_s']:.0f} img/s")
         if "test_top1" in r:
             line += f"  test@1 {r['test_top1']:.2f}  test@5 {r['test_top5']:.2f}"
+        if "test_adv_top1" in r:
+            line += f"  adv@1 {r['test_adv_top1']:.2f}"
         if "val_top1" in r:
             line += f"  val@1 {r['val_top1']:.2f}"
         return line

@@ -76,3 +76,9 @@ def resnet56(num_classes: int = 10, **kw) -> CifarResNet:
 
 def resnet110(num_classes: int = 10, **kw) -> CifarResNet:
     return CifarResNet(18, num_classes, **kw)
+
+
+def resnet18_cifar(num_classes: int = 10, **kw) -> CifarResNet:
+    """The CIFAR ResNet-18 of the label-noise and adversarial recipes (paper.md section 3): 3x3 stem
+    with 64 channels, no max-pool, 2 basic blocks per stage with widths 64/128/256/512, 512-d feature."""
+    return CifarResNet(2, num_classes, widths=(64, 128, 256, 512), **kw)

@@ -42,9 +42,20 @@ def strip_keys(config: dict, dotted_keys) -> dict:
     return config
 
 
+def _canonical(value):
+    """Integral floats as ints: `loss.gamma=2` and `loss.gamma=2.0` are the same configuration."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def run_key(experiment_config: dict, seed: int, data_variant: str) -> str:
     """16 hex digits identifying what determined a run's numbers."""
-    canonical = json.dumps({"config": experiment_config, "seed": seed, "data_variant": data_variant},
+    canonical = json.dumps(_canonical({"config": experiment_config, "seed": seed, "data_variant": data_variant}),
                            sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -81,10 +92,12 @@ def make_record(results: dict, overrides: dict, history: list[dict]) -> dict:
     env = results.get("environment", {})
     record = {
         "schema_version": SCHEMA_VERSION,
-        "run_key": results.get("run_key"),
+        # Recomputed rather than copied, so records of older runs get today's canonical key.
+        "run_key": run_key(results["experiment_config"], results["seed"], results["data_variant"]),
         "experiment": results.get("name"),
         "seed": results.get("seed"),
         "data_variant": results.get("data_variant"),
+        "data_notes": results.get("data_notes", {}),
         "overrides": overrides,
         "metrics": {p: results.get("metrics", {}).get(p) for p in PROTOCOLS},
         "epochs": results.get("metrics", {}).get("epochs"),

@@ -19,8 +19,9 @@ from opl.results.stats import Interval, Summary, mean_minus_constant, summarize,
 DASH = "—"
 SPEC_KEYS = {"title", "source", "metric", "units", "decimals", "protocols", "paper_protocol", "status", "notes",
              "cells", "comparisons"}
-CELL_KEYS = {"row", "column", "paper", "paper_pm", "metric", "ours"}
+CELL_KEYS = {"row", "column", "paper", "paper_pm", "metric", "decimals", "ours"}
 SELECTOR_KEYS = {"experiment", "data_variant", "overrides"}
+COMPARISON_KEYS = {"label", "column", "treatment", "baseline"}
 
 
 class SpecError(OPLError):
@@ -46,6 +47,7 @@ class Cell:
     paper: float | None
     paper_pm: float | None
     ours: Selector | None
+    decimals: int | None = None  # overrides the table's, e.g. 3 for cosines in a table of percentages
 
 
 @dataclass(frozen=True)
@@ -100,13 +102,25 @@ def _number_or_none(value, key, where):
     return None if value is None else float(value)
 
 
+def _decimals_or_none(value, where):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 6):
+        raise SpecError(f"{where}: 'decimals' must be an integer from 0 to 6, got {value!r}")
+    return value
+
+
 def parse_spec(name: str, data) -> TableSpec:
     where = f"table {name}"
     if not isinstance(data, dict):
         raise SpecError(f"{where}: the file must hold a mapping")
     _unknown(data, SPEC_KEYS, where)
     metric = _require(data, "metric", where, str)
-    protocols = tuple(data.get("protocols", ["final_epoch_test"]))
+    for key in ("status", "notes", "units", "paper_protocol"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise SpecError(f"{where}: {key!r} must be text, got {data[key]!r}")
+    protocols = data.get("protocols", ["final_epoch_test"])
+    if not isinstance(protocols, list) or not protocols:
+        raise SpecError(f"{where}: 'protocols' must be a non-empty list, got {protocols!r}")
+    protocols = tuple(protocols)
     for protocol in protocols + ((data["paper_protocol"],) if data.get("paper_protocol") else ()):
         if protocol not in PROTOCOLS:
             raise SpecError(f"{where}: unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
@@ -125,7 +139,8 @@ def parse_spec(name: str, data) -> TableSpec:
                             dict(ours.get("overrides") or {}))
         cells.append(Cell(str(_require(raw, "row", cw)), str(_require(raw, "column", cw)), raw.get("metric", metric),
                           _number_or_none(raw.get("paper"), "paper", cw),
-                          _number_or_none(raw.get("paper_pm"), "paper_pm", cw), ours))
+                          _number_or_none(raw.get("paper_pm"), "paper_pm", cw), ours,
+                          _decimals_or_none(raw.get("decimals"), cw)))
     seen = set()
     for cell in cells:
         if (cell.row, cell.column) in seen:
@@ -134,6 +149,9 @@ def parse_spec(name: str, data) -> TableSpec:
     comparisons = []
     for i, raw in enumerate(data.get("comparisons") or []):
         cw = f"{where}, comparison {i + 1}"
+        if not isinstance(raw, dict):
+            raise SpecError(f"{cw}: must be a mapping")
+        _unknown(raw, COMPARISON_KEYS, cw)
         comparison = Comparison(str(_require(raw, "label", cw)), str(_require(raw, "column", cw)),
                                 str(_require(raw, "treatment", cw)), str(_require(raw, "baseline", cw)))
         for row in (comparison.treatment, comparison.baseline):
@@ -141,7 +159,7 @@ def parse_spec(name: str, data) -> TableSpec:
                 raise SpecError(f"{cw}: no cell ({row!r}, {comparison.column!r})")
         comparisons.append(comparison)
     return TableSpec(name=name, title=_require(data, "title", where, str), source=_require(data, "source", where, str),
-                     metric=metric, units=str(data.get("units", "")), decimals=int(data.get("decimals", 2)),
+                     metric=metric, units=str(data.get("units", "")), decimals=_decimals_or_none(data.get("decimals", 2), where),
                      protocols=protocols, paper_protocol=data.get("paper_protocol"), status=data.get("status"),
                      notes=data.get("notes"), cells=tuple(cells), comparisons=tuple(comparisons))
 
@@ -180,6 +198,10 @@ def cell_result(cell: Cell, protocol: str, records: list[dict]) -> CellResult:
     chosen = [r for r in records if cell.ours is not None and cell.ours.matches(r)]
     chosen = [r for r in chosen if metric_value(r, protocol, cell.metric) is not None]
     chosen.sort(key=lambda r: (r["seed"], r["run_key"]))
+    seeds = [r["seed"] for r in chosen]
+    if len(set(seeds)) != len(seeds):
+        raise SpecError(f"cell ({cell.row!r}, {cell.column!r}) matches two records with the same seed "
+                        f"({', '.join(r['run_key'] for r in chosen)}): one seed would count twice")
     if not chosen:
         return CellResult(cell, protocol, (), None, None)
     values = [metric_value(r, protocol, cell.metric) for r in chosen]
@@ -205,7 +227,9 @@ def _fmt(value: float | None, decimals: int, signed: bool = False) -> str:
     if value is None:
         return DASH
     text = f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
-    return "-" + text[1:] if text.startswith("-") else text
+    if float(text) == 0.0:  # no "-0.00" for a value that rounds to zero
+        text = text.replace("-", "+" if signed else "")
+    return text
 
 
 def format_paper(cell: Cell, decimals: int) -> str:
@@ -256,15 +280,20 @@ def _title(spec: TableSpec) -> str:
     return f"{spec.title} ({spec.metric}{', ' + spec.units if spec.units else ''})"
 
 
+def _decimals(spec: TableSpec, cell: Cell) -> int:
+    return spec.decimals if cell.decimals is None else cell.decimals
+
+
 def cell_rows(spec: TableSpec, records: list[dict]) -> list[list[str]]:
     rows = []
     for cell in spec.cells:
+        decimals = _decimals(spec, cell)
         for protocol in spec.protocols:
             result = cell_result(cell, protocol, records)
             variant = cell.ours.data_variant if cell.ours else DASH
-            rows.append([cell.row, cell.column, PROTOCOL_NAMES[protocol], format_paper(cell, spec.decimals),
-                         format_summary(result.summary, spec.decimals),
-                         format_interval(result.vs_paper, spec.decimals), format_verdict(result.vs_paper),
+            rows.append([cell.row, cell.column, PROTOCOL_NAMES[protocol], format_paper(cell, decimals),
+                         format_summary(result.summary, decimals),
+                         format_interval(result.vs_paper, decimals), format_verdict(result.vs_paper),
                          variant, _run_keys(result.records)])
     return rows
 
@@ -275,8 +304,9 @@ def comparison_rows(spec: TableSpec, records: list[dict]) -> list[list[str]]:
         for protocol in spec.protocols:
             paper, ours, treatment, baseline = comparison_interval(spec, comparison, protocol, records)
             n = f"{treatment.summary.n} vs {baseline.summary.n}" if ours else DASH
-            rows.append([comparison.label, comparison.column, PROTOCOL_NAMES[protocol], _fmt(paper, spec.decimals, True),
-                         format_interval(ours, spec.decimals), n, format_verdict(ours)])
+            decimals = _decimals(spec, treatment.cell)
+            rows.append([comparison.label, comparison.column, PROTOCOL_NAMES[protocol], _fmt(paper, decimals, True),
+                         format_interval(ours, decimals), n, format_verdict(ours)])
     return rows
 
 
