@@ -250,8 +250,8 @@ class Trainer:
         return record
 
     def predict(self, split) -> tuple:
-        """(features, logits, labels) of the current model over a whole split in its stored order,
-        without augmentation (e.g. the training set, for the truncated loss's weights)."""
+        """(None, logits, labels) of the current model over a whole split in its stored order, without
+        augmentation (e.g. the training set, for the truncated loss's weights)."""
         loader = build_loader(self.data, split, False, self.cfg.eval_batch_size, **self.loader_args)
         return predict(self.model, loader, self.autocast, keep_features=False)
 
