@@ -98,3 +98,15 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
     assert summary["final_epoch_test"]["loss"] > 0
     if cfg.adversarial.method != "none":
         assert 0.0 <= summary["final_epoch_test"]["adv_top1"] <= summary["final_epoch_test"]["top1"] + 100.0 / 16
+
+
+def test_every_table_and_figure_selector_names_an_existing_experiment():
+    from opl.results.figures import load_figure_specs
+    from opl.results.tables import load_specs
+
+    results = CONFIGS.parent / "results"
+    named = {cell.ours.experiment for folder in ("paper", "local") for spec in load_specs(results / folder)
+             for cell in spec.cells if cell.ours is not None}
+    for figure in load_figure_specs(results / "figures.yaml"):
+        named |= {selector.experiment for _, selector in figure["series"]}
+    assert named and named <= set(EXPERIMENTS), sorted(named - set(EXPERIMENTS))

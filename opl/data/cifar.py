@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opl.data.base import AugmentSpec, DataSpec, ImageTensors
-from opl.data.prepare import finalize
+from opl.data.base import DataSpec, ImageTensors
+from opl.data.prepare import build_spec
 from opl.errors import DatasetNotFoundError
 
 LAYOUT = {
@@ -119,15 +119,5 @@ def cifar(
     if num_classes != LAYOUT[which]["num_classes"]:
         raise ValueError(f"{which} has {LAYOUT[which]['num_classes']} classes, config says {num_classes}")
     train, test = load_cifar(which, root, download)
-    spec = DataSpec(
-        name=which,
-        variant=f"{which}/original",
-        num_classes=num_classes,
-        train=train,
-        test=test,
-        val=None,
-        mean=tuple(mean),
-        std=tuple(std),
-        augment=AugmentSpec(**augment),
-    )
-    return finalize(spec, val_fraction, split_seed, limit_train, limit_test)
+    return build_spec(which, f"{which}/original", num_classes, train, test, mean, std, augment,
+                      val_fraction, split_seed, limit_train, limit_test)

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from opl.data.base import AugmentSpec, DataSpec, ImageTensors
-from opl.data.prepare import finalize
+from opl.data.base import DataSpec, ImageTensors
+from opl.data.prepare import build_spec
 from opl.data.splits import validation_split
 
 
@@ -27,15 +27,5 @@ def digits(
     images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     everything = ImageTensors(images, torch.from_numpy(bunch.target))
     train_idx, test_idx = validation_split(len(everything), test_fraction, seed=0)  # fixed test set for every run
-    spec = DataSpec(
-        name="digits",
-        variant=f"digits/sklearn|test={test_fraction}@0",
-        num_classes=num_classes,
-        train=everything.subset(train_idx),
-        test=everything.subset(test_idx),
-        val=None,
-        mean=tuple(mean),
-        std=tuple(std),
-        augment=AugmentSpec(),
-    )
-    return finalize(spec, val_fraction, split_seed, limit_train, limit_test)
+    return build_spec("digits", f"digits/sklearn|test={test_fraction}@0", num_classes, everything.subset(train_idx),
+                      everything.subset(test_idx), mean, std, None, val_fraction, split_seed, limit_train, limit_test)

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from opl.data.base import AugmentSpec, DataSpec, ImageTensors
-from opl.data.prepare import finalize
+from opl.data.base import DataSpec, ImageTensors
+from opl.data.prepare import build_spec
 from opl.errors import DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -100,15 +100,5 @@ def cifar10_jpg(
     test = load_split_folder(root_path, "test", root_path / index_file)
     if int(train.labels.max()) + 1 != num_classes:
         raise DatasetNotFoundError(f"{root_path}/train has {int(train.labels.max()) + 1} classes, config says {num_classes}")
-    spec = DataSpec(
-        name="cifar10_jpg",
-        variant="cifar10/jpeg-q75",
-        num_classes=num_classes,
-        train=train,
-        test=test,
-        val=None,
-        mean=tuple(mean),
-        std=tuple(std),
-        augment=AugmentSpec(**augment),
-    )
-    return finalize(spec, val_fraction, split_seed, limit_train, limit_test)
+    return build_spec("cifar10_jpg", "cifar10/jpeg-q75", num_classes, train, test, mean, std, augment,
+                      val_fraction, split_seed, limit_train, limit_test)

@@ -2,7 +2,7 @@
 
 from torch.utils.data import Subset
 
-from opl.data.base import DataSpec, ImageTensors, Split
+from opl.data.base import AugmentSpec, DataSpec, ImageTensors, Split
 from opl.data.splits import seeded_subset, validation_split
 
 
@@ -35,3 +35,12 @@ def finalize(
         test = _take(test, seeded_subset(len(test), limit_test, split_seed))
         variant += f"|test={limit_test}@{split_seed}"
     return spec.with_splits(train=train, test=test, val=val, variant=variant)
+
+
+def build_spec(name: str, variant: str, num_classes: int, train: Split, test: Split, mean, std,
+               augment: dict | None = None, val_fraction: float = 0.0, split_seed: int = 0,
+               limit_train: int | None = None, limit_test: int | None = None) -> DataSpec:
+    """A dataset from its train and test splits, finalised (validation split, subsets, variant)."""
+    spec = DataSpec(name=name, variant=variant, num_classes=num_classes, train=train, test=test, val=None,
+                    mean=tuple(mean), std=tuple(std), augment=AugmentSpec(**(augment or {})))
+    return finalize(spec, val_fraction, split_seed, limit_train, limit_test)
