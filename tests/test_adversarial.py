@@ -69,7 +69,10 @@ def test_pgd_projects_onto_box_corner_for_binary_linear_model():
     land exactly on clamp(x + eps * sign(w_other - w_label), 0, 1)."""
     torch.manual_seed(0)
     linear = nn.Linear(12, 2)
-    forward = lambda x: linear(x.flatten(1))  # noqa: E731
+
+    def forward(x):
+        return linear(x.flatten(1))
+
     images = torch.rand(5, 1, 3, 4)
     labels = torch.tensor([0, 1, 0, 1, 1])
     adv = pgd_linf(forward, images, labels, eps=0.1, step_size=0.07, steps=5, random_start=True,
@@ -108,6 +111,11 @@ def test_seeded_generator_makes_random_start_reproducible(conv_setup):
     assert not torch.equal(start_a, start_c)
     assert (start_a - images).abs().max().item() <= EPS + 1e-6
     assert (start_a - images).abs().max().item() > 0.9 * EPS  # uniform over the whole ball
+    # Symmetric in [-eps, eps] (interior pixels are not clamped): both signs, mean offset ~ 0.
+    interior = (images > EPS) & (images < 1 - EPS)
+    offsets = (start_a - images)[interior]
+    assert (offsets < -EPS / 2).any() and (offsets > EPS / 2).any()
+    assert abs(offsets.mean().item()) < 0.15 * EPS
     assert torch.equal(attack(7, steps=4), attack(7, steps=4))
 
 
@@ -139,12 +147,12 @@ def test_attacks_work_under_no_grad(conv_setup):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(eps=-0.1, step_size=0.01, steps=1), "eps"),
-    (dict(eps=0.1, step_size=0.0, steps=1), "step_size"),
-    (dict(eps=0.1, step_size=-1.0, steps=1), "step_size"),
-    (dict(eps=0.1, step_size=0.01, steps=-1), "steps"),
-    (dict(eps=0.1, step_size=0.01, steps=2.5), "steps"),
-    (dict(eps=float("nan"), step_size=0.01, steps=1), "eps"),
+    ({"eps": -0.1, "step_size": 0.01, "steps": 1}, "eps"),
+    ({"eps": 0.1, "step_size": 0.0, "steps": 1}, "step_size"),
+    ({"eps": 0.1, "step_size": -1.0, "steps": 1}, "step_size"),
+    ({"eps": 0.1, "step_size": 0.01, "steps": -1}, "steps"),
+    ({"eps": 0.1, "step_size": 0.01, "steps": 2.5}, "steps"),
+    ({"eps": float("nan"), "step_size": 0.01, "steps": 1}, "eps"),
 ])
 def test_bad_attack_arguments_rejected(conv_setup, kwargs, message):
     model, images, labels = conv_setup
@@ -184,10 +192,16 @@ def trained_digits():
     torch.manual_seed(0)
     model = DigitsMLP()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):  # full-batch steps: ~0.5 s on CPU
-        optimizer.zero_grad()
-        F.cross_entropy(model(images[train])[1], labels[train]).backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    # One thread: 300 tiny steps gain nothing from a pool, and a contended pool is 10x slower.
+    torch.set_num_threads(1)
+    try:
+        for _ in range(300):  # full-batch steps: ~1 s on one CPU core
+            optimizer.zero_grad()
+            F.cross_entropy(model(images[train])[1], labels[train]).backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval().zero_grad(set_to_none=True)
     return model, images[test], labels[test]
 
@@ -211,7 +225,7 @@ def test_pgd_and_fgsm_hurt_a_trained_model(trained_digits):
         for name, x in (("clean", images), ("fgsm", adv_fgsm), ("pgd", adv_pgd)):
             logits = forward(x)
             results[name] = (F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item())
-    (clean_loss, clean_acc), (fgsm_loss, fgsm_acc), (pgd_loss, pgd_acc) = results["clean"], results["fgsm"], results["pgd"]
+    (clean_loss, clean_acc), (fgsm_loss, fgsm_acc), (pgd_loss, pgd_acc) = (results[k] for k in ("clean", "fgsm", "pgd"))
     assert pgd_loss > clean_loss + 1.0, results  # a clear margin, not noise
     assert fgsm_loss > clean_loss + 0.5, results
     assert pgd_acc < clean_acc - 0.2, results
@@ -327,6 +341,33 @@ def test_mart_wrong_class_choice_matters():
     assert out["mart_robust"].item() == pytest.approx(0.0, abs=1e-6)  # identical branches: KL = 0
 
 
+def test_mart_keeps_authors_weight_offset_for_confident_clean_inputs():
+    """When the clean prediction is certain (p_nat[y] == 1 in float32), the KL is still weighted by
+    1.0000001 - 1 > 0, not dropped: the authors' constant, visible only in this corner."""
+    logits_clean = torch.tensor([[100.0, 0.0, 0.0]])
+    logits_adv = torch.tensor([[0.0, 100.0, 0.0]])
+    out = mart_loss(logits_adv, logits_clean, torch.tensor([0]), beta=1.0)
+    kl = -math.log(math.exp(-100.0) + 1e-12)  # p_nat is one-hot on class 0
+    assert F.softmax(logits_clean, 1)[0, 0].item() == 1.0
+    assert 0.0 < out["mart_robust"].item() == pytest.approx(kl * (1.0000001 - 1.0), rel=0.25)
+
+
+def test_mart_robust_term_backpropagates_into_both_branches():
+    torch.manual_seed(6)
+    logits_adv = torch.randn(5, 10, dtype=torch.float32, requires_grad=True)
+    logits_clean = torch.randn(5, 10, dtype=torch.float32, requires_grad=True)
+    labels = torch.randint(0, 10, (5,))
+    robust = mart_loss(logits_adv, logits_clean, labels)["mart_robust"]
+    grad_adv, grad_clean = torch.autograd.grad(robust, (logits_adv, logits_clean))
+    assert grad_adv.abs().sum() > 1e-3 and grad_clean.abs().sum() > 1e-3
+    # And it is the gradient of the formula: directional finite difference of the float64 reference.
+    direction = torch.randn(5, 10)
+    h = 1e-4
+    plus = mart_reference(logits_adv.detach() + h * direction, logits_clean.detach(), labels, 1.0)[2]
+    minus = mart_reference(logits_adv.detach() - h * direction, logits_clean.detach(), labels, 1.0)[2]
+    assert (grad_adv * direction).sum().item() == pytest.approx((plus - minus) / (2 * h), rel=1e-3, abs=1e-5)
+
+
 def test_mart_beta_scales_only_the_robust_term():
     torch.manual_seed(4)
     logits_adv, logits_clean = torch.randn(8, 10), torch.randn(8, 10)
@@ -416,11 +457,40 @@ def test_wrn16_2_forward_backward_and_init():
     assert torch.equal(fresh.fc.bias, torch.zeros(10))
     bns = [m for m in fresh.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any() for m in bns)
-    conv = fresh.layers[-1].conv2  # kaiming fan_out: std = sqrt(2 / (3*3*out_channels))
-    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 128)), rel=0.05)
+    # kaiming fan_out: std = sqrt(2 / (3*3*out_channels)); a conv with in != out tells it from fan_in.
+    conv = fresh.layers[2].conv1  # first block of stage 2
+    assert (conv.in_channels, conv.out_channels) == (32, 64)
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 64)), rel=0.05)
     # Non-32x32 input still pools to the feature vector.
     with torch.no_grad():
         assert model.eval()(torch.rand(1, 3, 16, 16))[0].shape == (1, 128)
+
+
+def test_wrn_block_structure_matches_trades():
+    """Pre-activation: a projection shortcut reads relu(bn1(x)), an identity shortcut the raw x."""
+    torch.manual_seed(0)
+    model = wide_resnet(16, 2, 10)
+    blocks = list(model.layers)
+    assert [b.shortcut is not None for b in blocks] == [True, False, True, False, True, False]  # n = 2 per stage
+    for block in blocks:  # random BN affine/statistics so bn1 is not close to the identity
+        for bn in (block.bn1, block.bn2):
+            bn.weight.data.uniform_(0.5, 1.5); bn.bias.data.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.5, 0.5); bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(2, 16, 8, 8)
+    for block in (blocks[0], blocks[2]):  # projection, stride 1 then stride 2
+        x_in = x if block is blocks[0] else torch.randn(2, 32, 8, 8)
+        pre = F.relu(block.bn1(x_in))
+        body = block.conv2(F.relu(block.bn2(block.conv1(pre))))
+        with torch.no_grad():
+            assert torch.allclose(block(x_in), body + block.shortcut(pre), atol=1e-5)
+            assert not torch.allclose(block(x_in), body + block.shortcut(x_in), atol=1e-3)
+    identity = blocks[1]
+    x_in = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        body = identity.conv2(F.relu(identity.bn2(identity.conv1(F.relu(identity.bn1(x_in))))))
+        assert torch.allclose(identity(x_in), body + x_in, atol=1e-5)
+    assert blocks[2].conv1.stride == (2, 2) and blocks[2].shortcut.stride == (2, 2)
 
 
 def test_wrn_dropout_is_active_only_in_training():
@@ -441,6 +511,6 @@ def test_wrn_bad_depth_rejected(depth):
 
 
 def test_wrn_bad_other_arguments_rejected():
-    for kwargs in (dict(widen_factor=0), dict(num_classes=1), dict(dropout=1.0), dict(dropout=-0.1)):
+    for kwargs in ({"widen_factor": 0}, {"num_classes": 1}, {"dropout": 1.0}, {"dropout": -0.1}):
         with pytest.raises(ValueError):
             wide_resnet(16, **{"widen_factor": 1, **kwargs})

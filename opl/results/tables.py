@@ -277,6 +277,8 @@ def _run_keys(records) -> str:
 
 
 def _title(spec: TableSpec) -> str:
+    if any(cell.metric != spec.metric for cell in spec.cells):  # mixed metrics: each column says its own
+        return spec.title
     return f"{spec.title} ({spec.metric}{', ' + spec.units if spec.units else ''})"
 
 
