@@ -137,3 +137,16 @@ def test_real_cifar10_subset_trains_above_chance(cifar10_jpg_root, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["data_variant"] == "cifar10/jpeg-q75|train=2500@0|test=500@0"
     assert results["metrics"]["final_epoch_test"]["top1"] > 20.0
+
+
+def test_sweep_finishes_every_job_despite_a_failure_and_reruns_skip_finished_ones(tmp_path):
+    sweep = ["-m", "experiment=digits_opl", "loss.gamma=-1,0.5", "logger=none", "trainer.epochs=1",
+             "trainer.progress=line", f"hydra.sweep.dir={tmp_path}"]
+    first = run_cli(*sweep)
+    assert first.returncode != 0 and "OPL gamma must be >= 0, got -1" in first.stderr
+    finished = tmp_path / "seed0" / "loss.gamma=0.5,trainer.epochs=1"
+    assert (finished / "DONE").exists() and (finished / "results.json").exists()
+    before = (finished / "results.json").read_bytes()
+    again = run_cli(*sweep)
+    assert again.returncode != 0 and "already finished" in again.stdout
+    assert (finished / "results.json").read_bytes() == before
