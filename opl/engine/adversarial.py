@@ -46,8 +46,14 @@ class AdversarialConfig:
             raise ConfigError(f"adversarial.beta must be >= 0, got {self.beta}")
 
 
-def _channel_view(values, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
+def channel_views(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std as (1, C, 1, 1) float32 tensors on `device`."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std))
+
+
+def to_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A normalised batch back to float32 pixels in [0, 1], where the attacks work."""
+    return (x.float() * std + mean).clamp(0.0, 1.0)
 
 
 class AdversarialTrainStep(nn.Module):
@@ -57,15 +63,18 @@ class AdversarialTrainStep(nn.Module):
                  generator: torch.Generator | None = None):
         super().__init__()
         self.model, self.criterion, self.autocast, self.cfg = model, criterion, autocast, cfg
-        self.mean, self.std = tuple(mean), tuple(std)
         self.generator = generator
+        # Built once: no host-to-device copy of constants in the training step.
+        mean_view, std_view = channel_views(mean, std, next(model.parameters()).device)
+        self.register_buffer("mean", mean_view, persistent=False)
+        self.register_buffer("std", std_view, persistent=False)
+        self.attack = normalized_forward(model, tuple(mean), tuple(std), autocast)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict:
-        mean, std = _channel_view(self.mean, x), _channel_view(self.std, x)
-        pixels = (x.float() * std + mean).clamp(0.0, 1.0)
+        mean, std = self.mean, self.std
+        pixels = to_pixels(x, mean, std)
         self.model.eval()
-        attack = normalized_forward(self.model, self.mean, self.std, self.autocast)
-        adversarial = pgd_linf(attack, pixels, y, self.cfg.eps / 255, self.cfg.step_size / 255, self.cfg.steps,
+        adversarial = pgd_linf(self.attack, pixels, y, self.cfg.eps / 255, self.cfg.step_size / 255, self.cfg.steps,
                                random_start=True, generator=self.generator)
         self.model.train()
         x_adv = ((adversarial - mean) / std).contiguous(memory_format=torch.channels_last if x.is_contiguous(
@@ -90,14 +99,14 @@ def adversarial_accuracy(model: nn.Module, loader, autocast, mean, std, cfg: Adv
     was_training = model.training
     model.eval()
     forward = normalized_forward(model, mean, std, autocast)
+    mean_view, std_view = channel_views(mean, std, next(model.parameters()).device)
     correct, seen = None, 0
     for x, y, _ in loader:
         if cfg.eval_limit is not None:
             if seen >= cfg.eval_limit:
                 break
             x, y = x[:cfg.eval_limit - seen], y[:cfg.eval_limit - seen]
-        pixels = (x.float() * _channel_view(std, x) + _channel_view(mean, x)).clamp(0.0, 1.0)
-        adversarial = pgd_linf(forward, pixels, y, cfg.eval_eps / 255, cfg.eval_step_size / 255, cfg.eval_steps,
+        adversarial = pgd_linf(forward, to_pixels(x, mean_view, std_view), y, cfg.eval_eps / 255, cfg.eval_step_size / 255, cfg.eval_steps,
                                random_start=True, generator=generator)
         with torch.no_grad():
             hits = (forward(adversarial).argmax(dim=1) == y).sum()

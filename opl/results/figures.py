@@ -16,7 +16,7 @@ import yaml  # noqa: E402
 
 from opl.results.records import flatten  # noqa: E402
 from opl.results.stats import summarize  # noqa: E402
-from opl.results.tables import Selector, SpecError  # noqa: E402
+from opl.results.tables import Selector, SpecError, metric_value  # noqa: E402
 
 KINDS = ("sweep", "geometry", "curves")
 PNG_METADATA = {"Software": None}  # no library version in the file: identical inputs give identical bytes
@@ -50,7 +50,7 @@ def load_figure_specs(path: str | Path) -> list[dict]:
 
 
 def _final(record: dict, metric: str):
-    return (record["metrics"].get("final_epoch_test") or {}).get(metric)
+    return metric_value(record, "final_epoch_test", metric)
 
 
 def sweep_points(records: list[dict], selector: Selector, parameter: str, metric: str) -> list[tuple]:
