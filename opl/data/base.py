@@ -44,8 +44,10 @@ class ImageTensors:
         return ImageTensors(self.images[index], self.labels[index])
 
 
-# A split is either resident in memory (CIFAR-sized data) or a map-style Dataset yielding
-# `(float tensor, label)` with its own transforms (large folder datasets).
+# A split is either resident in memory (CIFAR-sized data) or a map-style Dataset (large folder
+# datasets) whose items are `(uint8 tensor (C, H, W), label)` of one size per split: workers decode
+# and apply the geometric / PIL-level transforms, the loader moves uint8 batches to the device and
+# `BatchAugment` (with `DataSpec.augment`) finishes them there and normalises, for both kinds.
 Split = ImageTensors | Dataset
 
 
@@ -64,6 +66,9 @@ class DataSpec:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     # Facts about the data worth keeping with the results (e.g. the realised label-noise rate).
     notes: dict = field(default_factory=dict)
+    # A short hash of what was read (e.g. file count, sorted relative paths and sizes), so a run
+    # on other files under the same settings never resumes or skips into an old run folder.
+    fingerprint: str | None = None
 
     def with_splits(self, **splits) -> "DataSpec":
         return replace(self, **splits)
