@@ -16,7 +16,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from opl.data.noise import LabelNoise, with_label_noise
-from opl.engine.adversarial import AdversarialConfig
 from opl.engine.run_dir import RunDir
 from opl.engine.trainer import Trainer, TrainerConfig
 from opl.errors import ConfigError, OPLError
@@ -49,6 +48,18 @@ def instantiate_checked(node, **kwargs):
         raise
 
 
+def instantiate_with(node, **objects):
+    """`instantiate_checked` for constructors that also take live objects (model, data, ...), which
+    must not pass through OmegaConf."""
+    factory = instantiate_checked(node, _partial_=True)
+    try:
+        return factory(**objects)
+    except OPLError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def build(cfg: DictConfig, run_dir, signature: str | None, loggers=()):
     seed_everything(cfg.seed)
     try:
@@ -67,13 +78,12 @@ def build(cfg: DictConfig, run_dir, signature: str | None, loggers=()):
               f"training labels changed (realised rate {facts['realised_rate']:.4f})")
     model = instantiate_checked(cfg.model)
     criterion = instantiate_checked(cfg.loss)
+    step = instantiate_with(cfg.method, model=model, criterion=criterion, data=data)
+    evaluators = {name: instantiate_checked(node) for name, node in cfg.evaluators.items() if node is not None}
     optimizer_factory = instantiate_checked(cfg.optim)
     schedule = OmegaConf.to_container(cfg.sched, resolve=True)
-    adversarial = None
-    if cfg.adversarial.method != "none":
-        adversarial = AdversarialConfig(**cfg.adversarial)
-    return Trainer(trainer_cfg, model, criterion, data, optimizer_factory, schedule, run_dir, cfg.seed,
-                   loggers=loggers, config_signature=signature, adversarial=adversarial), data
+    return Trainer(trainer_cfg, step, data, optimizer_factory, schedule, run_dir, cfg.seed, evaluators=evaluators,
+                   loggers=loggers, config_signature=signature), data
 
 
 def run(cfg: DictConfig) -> dict | None:

@@ -8,11 +8,11 @@ optimizer -> LR schedule) at the CIFAR-100 recipe of `configs/experiment/cifar10
 per-iteration warm-up + multistep schedule, random crop (pad 4) + flip + ColorJitter 0.4/0.4/0.4 +
 CIFAR-100 mean/std), for three configurations run one after the other in this one process:
 
-  a  "ours"       the repository's own trainer: `Trainer(...)._train_epoch`, the code
+  a  "ours"       the repository's own trainer: `Trainer(...).train_steps`, the code
                   `train.py experiment=cifar100_opl` runs, with CE + OPL (lambda 1, gamma 0.5).
                   Trainer settings as a user gets them (amp/compile/loader "auto": bf16,
                   torch.compile "reduce-overhead" with CUDA graphs, GPU-resident uint8 data with
-                  on-GPU augmentation, fused SGD on CUDA; channels_last), evaluation off.
+                  on-GPU augmentation, fused SGD on CUDA; channels_last), no evaluation.
   b  "ours_ce"    the same with plain cross-entropy (`experiment=cifar100_ce`).
   c  "reference"  a loop like the authors' CIFAR code: fp32, eager, contiguous memory format,
                   torchvision PIL transforms in a `DataLoader` (4 workers, shuffle, pinned memory
@@ -43,8 +43,7 @@ How to read the result
   opl_overhead                  1 - a / b: the relative slowdown that adding OPL to CE costs in
                                 the repository's step (0.05 = 5 % fewer images/s; about 0 or
                                 negative = within noise)
-  estimate_200_epochs           200 epochs x 45,000 images (the trainer drops the last partial
-                                batch: 351 x 128 per epoch) at the throughput of a, plus its
+  estimate_200_epochs           200 epochs x 45,000 images at the throughput of a, plus its
                                 warm-up once. An ESTIMATE of training time only: per-epoch
                                 evaluation (test + validation, feature geometry), checkpointing
                                 and epoch-boundary costs are excluded.
@@ -84,17 +83,17 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from opl.data.augment import pil_transforms  # noqa: E402
 from opl.data.base import AugmentSpec, DataSpec, ImageTensors  # noqa: E402
-from opl.data.loaders import TensorImageDataset  # noqa: E402
 from opl.engine.schedule import build_scheduler  # noqa: E402
 from opl.engine.trainer import Trainer, TrainerConfig  # noqa: E402
 from opl.errors import ConfigError, OPLError  # noqa: E402
 from opl.io import atomic_write_text  # noqa: E402
 from opl.runinfo import code_version, environment, resolve_device  # noqa: E402
-from train import instantiate_checked  # noqa: E402
+from train import instantiate_checked, instantiate_with  # noqa: E402
 
 MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 CONFIGS = {"a": "ours", "b": "ours_ce", "c": "reference"}
@@ -219,33 +218,21 @@ def batch_stream(loader):
         yield from loader
 
 
-class StepBudget:
-    """Hands the trainer's own loader to `Trainer._train_epoch` `n` batches at a time.
+class PILImages(Dataset):
+    """In-memory uint8 images served as PIL images through torchvision transforms (the authors' loader)."""
 
-    One stream continues across calls (and across the loader's epochs), so warm-up and timed
-    steps see the same running loader, as consecutive steps of one training epoch would.
-    """
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.stream = batch_stream(loader)
-        self.n = 0
+    def __init__(self, data: ImageTensors, transform):
+        self.images = data.images.permute(0, 2, 3, 1).numpy()  # NHWC for PIL
+        self.labels = data.labels
+        self.transform = transform
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.labels)
 
-    def __iter__(self):
-        for _ in range(self.n):
-            yield next(self.stream)
-
-    def close(self) -> None:
-        self.stream.close()  # ends a DataLoader iterator (and its workers) now
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+    def __getitem__(self, i):
+        array = self.images[i]
+        image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        return self.transform(image), self.labels[i]
 
 
 def _sync(device: torch.device) -> None:
@@ -262,7 +249,7 @@ def _release(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------ configurations
 def run_ours(key: str, args, data: DataSpec, run_dir: Path) -> dict:
-    """a / b: the repository's Trainer, timed through its own `_train_epoch`."""
+    """a / b: the repository's Trainer, timed through its public `train_steps`."""
     cfg = recipe_config(EXPERIMENTS[key], args.model)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -270,32 +257,29 @@ def run_ours(key: str, args, data: DataSpec, run_dir: Path) -> dict:
         TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True)),
         batch_size=args.batch_size, device=args.device, amp=args.amp, loader=args.loader,
         compile="auto" if args.compile is None else args.compile, channels_last=True,
-        num_workers=args.workers, geometry=False, progress="line")
-    trainer = Trainer(trainer_cfg, instantiate_checked(cfg.model), instantiate_checked(cfg.loss), data, instantiate_checked(cfg.optim),
+        num_workers=args.workers, progress="line")
+    model, criterion = instantiate_checked(cfg.model), instantiate_checked(cfg.loss)
+    step = instantiate_with(cfg.method, model=model, criterion=criterion, data=data)
+    trainer = Trainer(trainer_cfg, step, data, instantiate_checked(cfg.optim),
                       OmegaConf.to_container(cfg.sched, resolve=True), run_dir / CONFIGS[key], seed=args.seed)
     device = trainer.device
-    real_loader = trainer.train_loader
-    budget = StepBudget(real_loader)
-    trainer.train_loader = budget
     _sync(device)
     setup_s = time.perf_counter() - t0
     try:
         warmup_s = 0.0
         if args.warmup_steps:
-            budget.n = args.warmup_steps
             _sync(device)
             t0 = time.perf_counter()
-            trainer._train_epoch(0)
+            trainer.train_steps(args.warmup_steps)
             _sync(device)
             warmup_s = time.perf_counter() - t0
-        budget.n = args.steps
         _sync(device)
         t0 = time.perf_counter()
-        record = trainer._train_epoch(1)
+        record = trainer.train_steps(args.steps)
         _sync(device)
         seconds = time.perf_counter() - t0
     finally:
-        budget.close()
+        trainer.close()
     images = args.steps * args.batch_size
     step = trainer.step
     settings = {
@@ -305,8 +289,8 @@ def run_ours(key: str, args, data: DataSpec, run_dir: Path) -> dict:
         "compiled": hasattr(step, "_orig_mod"),
         "cudagraphs": trainer.cudagraphs,
         "channels_last": trainer_cfg.channels_last,
-        "loader": type(real_loader).__name__,
-        "num_workers": trainer_cfg.num_workers if type(real_loader).__name__ == "DeviceDataLoader" else None,
+        "loader": type(trainer.train_loader).__name__,
+        "num_workers": trainer_cfg.num_workers if type(trainer.train_loader).__name__ == "DeviceDataLoader" else None,
         "optimizer": type(trainer.optimizer).__name__,
         "fused": bool(trainer.optimizer.defaults.get("fused")),
         "log_every": trainer_cfg.log_every,
@@ -340,7 +324,7 @@ def run_reference(args, data: DataSpec, device: torch.device) -> dict:
     optimizer = instantiate_checked(cfg.optim)(model.parameters())  # PyTorch's default (non-fused) SGD
     train = data.train
     if isinstance(train, ImageTensors):
-        dataset = TensorImageDataset(train, pil_transforms(data.augment, data.mean, data.std, True, train.images.shape[-1]))
+        dataset = PILImages(train, pil_transforms(data.augment, data.mean, data.std, True, train.images.shape[-1]))
     else:
         raise ValueError("the reference loop needs an in-memory training split")
     generator = torch.Generator().manual_seed(args.seed)
@@ -392,7 +376,7 @@ def run_reference(args, data: DataSpec, device: torch.device) -> dict:
         "settings": {
             "experiment": EXPERIMENTS["c"], "criterion": f"CrossEntropyLoss + {weight} * {opl_module!r}",
             "amp": "none", "compiled": False, "cudagraphs": False, "channels_last": False,
-            "loader": "DataLoader(TensorImageDataset, torchvision PIL transforms)",
+            "loader": "DataLoader(PILImages, torchvision PIL transforms)",
             "num_workers": args.ref_workers, "pin_memory": device.type == "cuda",
             "optimizer": type(optimizer).__name__, "fused": bool(optimizer.defaults.get("fused")),
             "foreach": optimizer.defaults.get("foreach"), "loss_item_every_step": True,
@@ -434,7 +418,7 @@ def main(argv=None) -> dict:
     ips = {name: c["images_per_s"] for name, c in configs.items()}
     a, b, c = ips.get("ours"), ips.get("ours_ce"), ips.get("reference")
     epochs = 200
-    epoch_images = (AUTHORS_TRAIN_IMAGES // args.batch_size) * args.batch_size
+    epoch_images = AUTHORS_TRAIN_IMAGES
     estimate = None
     if a is not None:
         seconds = epochs * epoch_images / a + configs["ours"]["warmup_s"]
@@ -442,7 +426,7 @@ def main(argv=None) -> dict:
             "seconds": seconds, "hours": seconds / 3600.0, "epochs": epochs, "images_per_epoch": epoch_images,
             "basis": "ours",
             "note": (f"ESTIMATE of training time only: {epochs} epochs x {epoch_images} images "
-                     f"({AUTHORS_TRAIN_IMAGES} training images of the authors' split, last partial batch dropped) at "
+                     f"({AUTHORS_TRAIN_IMAGES} training images of the authors' split) at "
                      "the steady-state throughput of 'ours', plus its warm-up once; excludes per-epoch evaluation "
                      "(test + validation, feature geometry), checkpointing and epoch-boundary costs."),
         }

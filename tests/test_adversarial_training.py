@@ -1,20 +1,29 @@
-"""PGD-AT and MART on the shared trainer (digits, CPU): robust accuracy is measured and below clean
-accuracy, the parts are logged, resume is exact, compile is refused."""
+"""PGD-AT and MART steps on the shared trainer (digits, CPU): robust accuracy is measured and below
+clean accuracy, the parts are logged, resume is exact, compile is refused."""
+
+import functools
 
 import pytest
 import torch
 
-from opl.engine.adversarial import AdversarialConfig, AdversarialTrainStep, adversarial_accuracy
+from opl.engine.evaluate import ClassificationEvaluator
 from opl.errors import ConfigError
+from opl.eval.adversarial import RobustAccuracy
 from opl.losses import ce_plus_opl
+from opl.methods import AdversarialStep
 from test_trainer import Crash, crash_after, lines, make_trainer
 
-FAST = dict(eps=24.0, step_size=8.0, steps=3, eval_eps=24.0, eval_step_size=8.0, eval_steps=5)
+FAST = dict(eps=24.0, step_size=8.0, steps=3)
+EVALUATORS = {"classification": ClassificationEvaluator(), "robust": RobustAccuracy(eps=24.0, step_size=8.0, steps=5)}
+
+
+def adversarial(kind="pgd_at", **knobs):
+    return functools.partial(AdversarialStep, kind=kind, **{**FAST, **knobs})
 
 
 def test_pgd_at_with_opl_trains_and_reports_robust_accuracy(tmp_path):
-    trainer = make_trainer(tmp_path, adversarial=AdversarialConfig("pgd_at", **FAST), epochs=3)
-    assert isinstance(trainer.step, AdversarialTrainStep)
+    trainer = make_trainer(tmp_path, step=adversarial(), evaluators=EVALUATORS, epochs=3)
+    assert isinstance(trainer.step, AdversarialStep)
     summary = trainer.fit()
     final = summary["final_epoch_test"]
     assert final["top1"] > 60.0  # still learns the clean task (chance 10%)
@@ -24,7 +33,7 @@ def test_pgd_at_with_opl_trains_and_reports_robust_accuracy(tmp_path):
 
 
 def test_mart_logs_its_parts_and_opl(tmp_path):
-    trainer = make_trainer(tmp_path, adversarial=AdversarialConfig("mart", **FAST, beta=6.0), epochs=2,
+    trainer = make_trainer(tmp_path, step=adversarial("mart", beta=6.0), evaluators=EVALUATORS, epochs=2,
                            criterion=ce_plus_opl(weight=0.5))
     trainer.fit()
     record = lines(tmp_path / "metrics.jsonl")[-1]
@@ -35,13 +44,12 @@ def test_mart_logs_its_parts_and_opl(tmp_path):
 
 
 def test_adversarial_resume_matches_uninterrupted(tmp_path):
-    config = AdversarialConfig("pgd_at", **FAST)
-    reference = make_trainer(tmp_path / "a", adversarial=config, epochs=3)
+    reference = make_trainer(tmp_path / "a", step=adversarial(), epochs=3)
     reference.fit()
-    interrupted = make_trainer(tmp_path / "b", adversarial=config, epochs=3, callbacks=(crash_after(1),))
+    interrupted = make_trainer(tmp_path / "b", step=adversarial(), epochs=3, callbacks=(crash_after(1),))
     with pytest.raises(Crash):
         interrupted.fit()
-    resumed = make_trainer(tmp_path / "b", adversarial=config, epochs=3, seed=9)
+    resumed = make_trainer(tmp_path / "b", step=adversarial(), epochs=3, seed=9)
     resumed.resume(tmp_path / "b" / "last.pt")
     resumed.fit()
     for key, value in reference.model.state_dict().items():
@@ -51,19 +59,18 @@ def test_adversarial_resume_matches_uninterrupted(tmp_path):
 def test_robust_accuracy_limit_and_stronger_attack(tmp_path):
     trainer = make_trainer(tmp_path, epochs=2)
     trainer.fit()
-    loader, data = trainer.eval_loaders["test"], trainer.data
-    weak = adversarial_accuracy(trainer.model, loader, trainer.autocast, data.mean, data.std,
-                                AdversarialConfig(eval_eps=4.0, eval_step_size=1.0, eval_steps=5, eval_limit=150))
-    strong = adversarial_accuracy(trainer.model, loader, trainer.autocast, data.mean, data.std,
-                                  AdversarialConfig(eval_eps=32.0, eval_step_size=8.0, eval_steps=10, eval_limit=150))
-    assert weak["adv_images"] == strong["adv_images"] == 150
-    assert strong["adv_top1"] < weak["adv_top1"]
+    weak = RobustAccuracy(eps=4.0, step_size=1.0, steps=5, limit=150)(trainer)
+    strong = RobustAccuracy(eps=32.0, step_size=8.0, steps=10, limit=150)(trainer)
+    assert weak["test_adv_images"] == strong["test_adv_images"] == 150
+    assert strong["test_adv_top1"] < weak["test_adv_top1"]
 
 
 def test_bad_adversarial_settings_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="method"):
-        AdversarialConfig("trades")
+    with pytest.raises(ConfigError, match="kind"):
+        make_trainer(tmp_path, step=adversarial("trades"))
     with pytest.raises(ConfigError, match="steps"):
-        AdversarialConfig("pgd_at", steps=0)
+        make_trainer(tmp_path, step=adversarial(steps=0))
     with pytest.raises(ConfigError, match="compile"):
-        make_trainer(tmp_path, adversarial=AdversarialConfig("pgd_at"), compile=True)
+        make_trainer(tmp_path, step=adversarial(), compile=True)
+    with pytest.raises(ValueError, match="steps"):
+        RobustAccuracy(steps=0)

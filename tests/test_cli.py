@@ -132,7 +132,7 @@ def test_real_cifar10_subset_trains_above_chance(cifar10_jpg_root, tmp_path):
         "experiment=cifar10_opl", "dataset=cifar10_jpg", f"dataset.root={cifar10_jpg_root}",
         "dataset.limit_train=2500", "dataset.limit_test=500", "dataset.val_fraction=0", "model=resnet20",
         "trainer.epochs=3", "trainer.eval_every=3", "trainer.num_workers=2", "sched=cosine", "optim.lr=0.05",
-        "trainer.test_selection_from_epoch=null", "trainer.progress=line", "logger=none", f"hydra.run.dir={tmp_path}")
+        "trainer.test_selection_after_epoch=null", "trainer.progress=line", "logger=none", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["data_variant"] == "cifar10/jpeg-q75|train=2500@0|test=500@0"

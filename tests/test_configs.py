@@ -38,10 +38,13 @@ def test_label_noise_and_adversarial_recipes():
     assert c10.loss.start_epoch == 40 and list(c10.sched.milestones) == [40, 80] and c10.trainer.epochs == 120
     assert c10.label_noise.kind == "symmetric" and "weight" not in c10.loss
     mart = compose_experiment("cifar10_mart_opl")
-    assert (mart.adversarial.method, mart.adversarial.eps, mart.adversarial.step_size) == ("mart", 8, 2)
-    assert (mart.adversarial.steps, mart.adversarial.eval_steps, mart.adversarial.beta) == (10, 20, 6.0)
+    assert (mart.method.kind, mart.method.eps, mart.method.step_size) == ("mart", 8, 2)
+    assert (mart.method.steps, mart.evaluators.robust.steps, mart.method.beta) == (10, 20, 6.0)
     assert mart.loss._target_ == "opl.losses.ce_plus_opl" and mart.trainer.compile is False
-    assert compose_experiment("cifar100_pgd_at").adversarial.method == "pgd_at"
+    pgd = compose_experiment("cifar100_pgd_at")
+    assert pgd.method.kind == "pgd_at" and pgd.method._target_ == "opl.methods.AdversarialStep"
+    assert set(pgd.evaluators) == {"classification", "robust"}
+    assert compose_experiment("cifar100_opl").method._target_ == "opl.methods.StandardStep"
 
 
 def test_cifar100_opl_is_the_authors_recipe():
@@ -56,7 +59,7 @@ def test_cifar100_opl_is_the_authors_recipe():
     assert list(cfg.dataset.mean) == [0.5071, 0.4865, 0.4409] and list(cfg.dataset.std) == [0.2673, 0.2564, 0.2762]
     assert OmegaConf.to_container(cfg.dataset.augment) == {
         "crop_padding": 4, "hflip": True, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4}
-    assert cfg.trainer.test_selection_from_epoch == 120
+    assert cfg.trainer.test_selection_after_epoch == 120
     ce = compose_experiment("cifar100_ce")
     assert ce.loss._target_ == "opl.losses.ClassificationLoss" and "gamma" not in ce.loss
     assert compose_experiment("cifar100_r110_opl").model._target_ == "opl.models.resnet110"
@@ -83,10 +86,11 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
              "opl.data.folders.cifar10_jpg": lambda ds: cifar10_jpg_format_root}
     cfg = compose_experiment(
         name, "trainer.epochs=1", "trainer.batch_size=16", "trainer.device=cpu", "trainer.num_workers=0",
-        "trainer.test_selection_from_epoch=null", "dataset.limit_train=32", "dataset.limit_test=16",
+        "trainer.test_selection_after_epoch=null", "dataset.limit_train=32", "dataset.limit_test=16",
         "trainer.progress=line")
-    if cfg.adversarial.method != "none":  # the recipe's PGD-10 / PGD-20 on CPU would dominate the suite
-        cfg.adversarial.steps = cfg.adversarial.eval_steps = 1
+    adversarial = "robust" in cfg.evaluators
+    if adversarial:  # the recipe's PGD-10 / PGD-20 on CPU would dominate the suite
+        cfg.method.steps = cfg.evaluators.robust.steps = 1
     if "root" in cfg.dataset:
         cfg.dataset.root = str(roots[cfg.dataset._target_](cfg.dataset))
         if "download" in cfg.dataset:
@@ -96,7 +100,7 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
     summary = trainer.fit()
     assert summary["epochs"] == 1 and 0.0 <= summary["final_epoch_test"]["top1"] <= 100.0
     assert summary["final_epoch_test"]["loss"] > 0
-    if cfg.adversarial.method != "none":
+    if adversarial:
         assert 0.0 <= summary["final_epoch_test"]["adv_top1"] <= summary["final_epoch_test"]["top1"] + 100.0 / 16
 
 

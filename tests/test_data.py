@@ -144,13 +144,12 @@ def test_loaders_batches_and_resumable_order(kind):
     loader = build_loader(spec, spec.train, True, 32, torch.device("cpu"), kind, seed=5)
     assert isinstance(loader, DeviceTensorLoader if kind == "device" else DeviceDataLoader)
     assert len(loader) == 3
-    next(iter(loader))  # advance the generator by one epoch
-    # With num_workers=0 the PIL transforms draw from the global torch RNG, which the trainer
-    # checkpoints alongside the loader state.
-    state, global_rng = loader.state_dict(), torch.get_rng_state()
+    next(iter(loader))  # advance the generators by one epoch
+    # The loader's own generators alone decide order and augmentation: the global RNG plays no part.
+    state = loader.state_dict()
     first = [(x.clone(), y.clone(), i.clone()) for x, y, i in loader]
     loader.load_state_dict(state)
-    torch.set_rng_state(global_rng)
+    torch.manual_seed(12345)
     second = list(loader)
     for (x1, y1, i1), (x2, y2, i2) in zip(first, second):
         assert x1.shape == (32, 3, 32, 32) and x1.dtype == torch.float32
@@ -171,3 +170,18 @@ def test_eval_loader_is_ordered_normalised_and_complete(kind):
     x = torch.cat([b[0] for b in batches])
     expected = (spec.test.images.float() / 255 - 0.5) / 0.25
     assert torch.allclose(x, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["device", "dataloader"])
+@pytest.mark.parametrize("n, drop_last, min_batch, sizes", [
+    (97, False, 2, [32, 32, 32]),        # a last batch of one sample never reaches a pairwise loss
+    (97, False, 1, [32, 32, 32, 1]),
+    (98, False, 2, [32, 32, 32, 2]),     # the authors' loader keeps the last, smaller batch
+    (98, True, 2, [32, 32, 32]),
+])
+def test_last_partial_batch(kind, n, drop_last, min_batch, sizes):
+    spec = _spec(n=n)
+    loader = build_loader(spec, spec.train, True, 32, torch.device("cpu"), kind, seed=1, drop_last=drop_last,
+                          min_batch=min_batch)
+    batches = [len(y) for _, y, _ in loader]
+    assert batches == sizes and len(loader) == len(sizes)

@@ -134,7 +134,7 @@ def test_trainer_refreshes_weights_from_the_current_model(tmp_path):
     expected = {}
 
     def after_epoch(trainer, epoch, record):
-        _, logits, labels = trainer.predict(trainer.data.train)
+        _, logits, labels = trainer.predict("train")
         p = torch.softmax(logits.double(), 1)[torch.arange(len(labels)), labels]
         expected[epoch] = (p > 0.5).float()
 

@@ -3,14 +3,13 @@
 `BatchAugment` works on whole uint8 batches on any device (the GPU-resident path): every sample
 gets its own crop offset, flip, jitter factors and jitter order, drawn from a torch.Generator with
 no host synchronisation. `pil_transforms` builds the torchvision pipeline of the authors' code
-for the DataLoader path. Both follow torchvision's semantics: zero-padded random crop, flip with
+for the authors'-style reference loop. Both follow torchvision's semantics: zero-padded random crop, flip with
 p=0.5, ColorJitter with factors uniform in [max(0, 1-x), 1+x] applied in a random order, then
 normalisation. (The PIL pipeline rounds to uint8 after each jitter step; the batch form does not.)
 """
 
 import torch
 from torch import nn
-from torchvision import transforms as T
 
 from opl.data.base import AugmentSpec
 
@@ -109,8 +108,10 @@ class BatchAugment(nn.Module):
         return self.normalize(self.apply(images, self.sample_params(images, generator)))
 
 
-def pil_transforms(spec: AugmentSpec, mean, std, train: bool, image_size: int) -> T.Compose:
-    """The authors' torchvision pipeline on PIL images (DataLoader path and reference loop)."""
+def pil_transforms(spec: AugmentSpec, mean, std, train: bool, image_size: int):
+    """The authors' torchvision pipeline on PIL images (the reference loop of scripts/benchmark.py)."""
+    from torchvision import transforms as T  # about 2 s of imports, paid only where PIL transforms are used
+
     steps = []
     if train and spec.crop_padding:
         steps.append(T.RandomCrop(image_size, padding=spec.crop_padding))

@@ -1,42 +1,51 @@
-"""Batches for the trainer: a GPU-resident path for in-memory data and a DataLoader path.
+"""Batches for the trainer: in-memory data resident on the device, or a DataLoader for datasets
+whose items are decoded by workers.
 
-Both yield `(images, labels, index)` on the target device: images normalised float (channels_last
-when asked), and each sample's position in its split (for per-sample state such as the truncated
-loss's weights). Both own a seeded generator whose state is checkpointed, so a resumed run sees the
-same batches as an uninterrupted one.
+Both paths yield `(images, labels, index)` on the target device: images normalised float
+(channels_last when asked), and each sample's position in its split (for per-sample state such as
+the truncated loss's weights). Both finish the batch with the same `BatchAugment` on the device
+(crop / flip / jitter as `DataSpec.augment` asks, then normalisation), on a GPU or on the CPU. Both
+own seeded generators whose states are checkpointed, so a resumed run sees the same batches as an
+uninterrupted one.
 """
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from opl.data.augment import BatchAugment, pil_transforms
-from opl.data.base import AugmentSpec, DataSpec, ImageTensors, Split
+from opl.data.augment import BatchAugment
+from opl.data.base import DataSpec, ImageTensors, Split
+
+
+def batch_count(n: int, batch_size: int, drop_last: bool, min_batch: int) -> int:
+    """Full batches, plus the last partial one when it is kept and holds at least `min_batch` samples."""
+    full, rest = divmod(n, batch_size)
+    return full + (0 if drop_last or rest < max(1, min_batch) else 1)
 
 
 class DeviceTensorLoader:
     """The whole split lives on `device` as uint8; shuffling and augmentation run there per batch."""
 
     def __init__(self, data: ImageTensors, batch_size: int, device: torch.device, augment: BatchAugment,
-                 train: bool, seed: int = 0, channels_last: bool = False):
+                 train: bool, seed: int = 0, channels_last: bool = False, drop_last: bool = False,
+                 min_batch: int = 1):
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size = batch_size
         self.train = train
+        self.steps = batch_count(len(self.labels), batch_size, drop_last and train, min_batch if train else 1)
         self.augment = augment.to(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        return self.steps
 
     def __iter__(self):
         n = len(self.labels)
         order = (torch.randperm(n, device=self.images.device, generator=self.generator) if self.train
                  else torch.arange(n, device=self.images.device))
-        for i in range(len(self)):
+        for i in range(self.steps):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.augment(self.images[idx], self.train, self.generator)
             yield x.contiguous(memory_format=self.memory_format), self.labels[idx], idx
@@ -48,21 +57,17 @@ class DeviceTensorLoader:
         self.generator.set_state(state["generator"])
 
 
-class TensorImageDataset(Dataset):
-    """In-memory uint8 images served as PIL images through torchvision transforms."""
+class TensorItems(Dataset):
+    """An in-memory split served item by item (uint8 (C, H, W), label), for the DataLoader path."""
 
-    def __init__(self, data: ImageTensors, transform):
-        self.images = data.images.permute(0, 2, 3, 1).numpy()  # NHWC for PIL
-        self.labels = data.labels
-        self.transform = transform
+    def __init__(self, data: ImageTensors):
+        self.data = data
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.data)
 
     def __getitem__(self, i):
-        array = self.images[i]
-        image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-        return self.transform(image), self.labels[i]
+        return self.data.images[i], self.data.labels[i]
 
 
 class IndexedDataset(Dataset):
@@ -80,49 +85,63 @@ class IndexedDataset(Dataset):
 
 
 class DeviceDataLoader:
-    """A DataLoader whose batches are moved to `device` (non-blocking from pinned memory)."""
+    """A DataLoader of uint8 items whose batches go to `device` (non-blocking from pinned memory)
+    and are augmented and normalised there."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, train: bool,
-                 num_workers: int = 0, seed: int = 0, channels_last: bool = False):
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, augment: BatchAugment, train: bool,
+                 num_workers: int = 0, seed: int = 0, channels_last: bool = False, drop_last: bool = False,
+                 min_batch: int = 1):
         self.device = device
-        self.generator = torch.Generator()
+        self.train = train
+        self.augment = augment.to(device)
+        self.generator = torch.Generator()  # shuffling and the workers' base seeds
         self.generator.manual_seed(seed)
+        self.device_generator = torch.Generator(device=device)  # the on-device augmentation
+        self.device_generator.manual_seed(seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.steps = batch_count(len(dataset), batch_size, drop_last and train, min_batch if train else 1)
         self.loader = DataLoader(
-            IndexedDataset(dataset), batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
-            pin_memory=device.type == "cuda", generator=self.generator, persistent_workers=False,
+            IndexedDataset(dataset), batch_size=batch_size, shuffle=train, drop_last=train and drop_last,
+            num_workers=num_workers, pin_memory=device.type == "cuda", generator=self.generator,
+            persistent_workers=False,
         )
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.steps
 
     def __iter__(self):
-        for x, y, idx in self.loader:
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            yield x, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
+        for step, (x, y, idx) in enumerate(self.loader):
+            if step == self.steps:  # a last partial batch too small to keep (see batch_count)
+                break
+            if x.dtype != torch.uint8:
+                raise TypeError(f"dataset items must be uint8 image tensors, got {x.dtype}")
+            x = self.augment(x.to(self.device, non_blocking=True), self.train, self.device_generator)
+            yield (x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True),
+                   idx.to(self.device, non_blocking=True))
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "device_generator": self.device_generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self.device_generator.set_state(state["device_generator"])
 
 
-def build_loader(data: DataSpec, split: Split, train: bool, batch_size: int, device: torch.device, kind: str,
-                 num_workers: int = 0, seed: int = 0, channels_last: bool = False):
-    """kind: "device" (in-memory data resident on `device`), "dataloader", or "auto" (device on CUDA)."""
+def build_loader(data: DataSpec, split: Split, train: bool, batch_size: int, device: torch.device, kind: str = "auto",
+                 num_workers: int = 0, seed: int = 0, channels_last: bool = False, drop_last: bool = False,
+                 min_batch: int = 1):
+    """kind: "device" (in-memory data resident on `device`), "dataloader" (worker processes feed the
+    device, e.g. data too large for device memory), or "auto" (device for in-memory data)."""
     if kind not in ("auto", "device", "dataloader"):
         raise ValueError(f"loader must be auto, device or dataloader, got {kind!r}")
     in_memory = isinstance(split, ImageTensors)
     if kind == "auto":
-        kind = "device" if in_memory and device.type == "cuda" else "dataloader"
+        kind = "device" if in_memory else "dataloader"
+    augment = BatchAugment(data.augment, data.mean, data.std)
+    options = dict(seed=seed, channels_last=channels_last, drop_last=drop_last, min_batch=min_batch)
     if kind == "device":
         if not in_memory:
             raise ValueError(f"{data.name} is not held in memory; use trainer.loader=dataloader")
-        augment = BatchAugment(data.augment, data.mean, data.std)
-        return DeviceTensorLoader(split, batch_size, device, augment, train, seed, channels_last)
-    dataset = split
-    if in_memory:
-        spec = data.augment if train else AugmentSpec()
-        dataset = TensorImageDataset(split, pil_transforms(spec, data.mean, data.std, train, split.images.shape[-1]))
-    return DeviceDataLoader(dataset, batch_size, device, train, num_workers, seed, channels_last)
+        return DeviceTensorLoader(split, batch_size, device, augment, train, **options)
+    dataset = TensorItems(split) if in_memory else split
+    return DeviceDataLoader(dataset, batch_size, device, augment, train, num_workers, **options)

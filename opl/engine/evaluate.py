@@ -1,4 +1,12 @@
-"""Predictions of a model on one split, and its top-1 / top-5 accuracy and feature geometry."""
+"""Evaluation: predictions of a model on one split, its top-1 / top-5 accuracy and feature geometry,
+and the evaluator objects the Trainer calls.
+
+An evaluator is any callable `evaluator(trainer) -> {"<split>_<metric>": value}`; the Trainer calls
+each configured evaluator at every evaluation epoch and merges their metrics. It reads the model,
+precision context and loaders through the Trainer's public attributes (`model`, `autocast`,
+`eval_loader(name)`, `data`, `device`, `seed`). `val_top1`, when an evaluator reports it, is the
+metric the best-validation protocol selects on; `test_*` metrics are what the protocols report.
+"""
 
 import contextlib
 
@@ -39,3 +47,21 @@ def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, ge
     if geometry:
         metrics.update(feature_geometry(features, labels))
     return metrics
+
+
+class ClassificationEvaluator:
+    """Top-1/top-5 and loss on the validation split (when there is one) and the test split, plus the
+    test set's feature geometry (the paper's same-/different-class cosine figure) if asked."""
+
+    def __init__(self, geometry: bool = True):
+        self.geometry = bool(geometry)
+
+    def __call__(self, trainer) -> dict:
+        out = {}
+        for split in ("val", "test"):
+            if getattr(trainer.data, split) is None:
+                continue
+            metrics = evaluate(trainer.model, trainer.eval_loader(split), trainer.autocast,
+                               geometry=self.geometry and split == "test")
+            out.update({f"{split}_{k}": v for k, v in metrics.items()})
+        return out

@@ -1,33 +1,36 @@
 """The one trainer every experiment runs on.
 
-A step: batch (already augmented on device) -> [autocast: model -> (features, logits) -> criterion]
--> backward -> fused optimizer step -> per-iteration LR schedule. Model and loss form one module
-(`TrainStep`) that `torch.compile` can capture whole (CUDA graphs on CUDA). Running sums stay on
-the device; the host synchronises once per `log_every` steps and at the end of each epoch.
+It owns the loop, the schedule, precision, compilation, checkpoints, logging and evaluation
+epochs; the method is a training step object (`opl.methods`: standard, adversarial, ...) and the
+evaluation is a set of evaluator objects (`opl.engine.evaluate`), both built outside and handed in.
+A step: batch (already augmented on the device) -> step(x, y, index) -> parts -> backward ->
+fused optimizer step -> per-iteration LR schedule. The step module (model + loss) is what
+`torch.compile` captures whole (CUDA graphs on CUDA). Running sums stay on the device; the host
+synchronises once per `log_every` steps and at the end of each epoch.
 """
 
 import contextlib
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from torch import nn
 
 from opl.data.base import DataSpec
 from opl.data.loaders import build_loader
-from opl.engine.adversarial import AdversarialConfig, AdversarialTrainStep, adversarial_accuracy
 from opl.engine.checkpoint import atomic_save, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state
-from opl.engine.evaluate import evaluate, predict
+from opl.engine.evaluate import ClassificationEvaluator, predict
 from opl.engine.schedule import build_scheduler
 from opl.errors import CheckpointError, ConfigError, NonFiniteLossError
 from opl.logging import JsonlWriter, Progress
+from opl.methods.base import TrainingStep
 from opl.runinfo import resolve_device
 from opl.seed import set_deterministic
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -42,14 +45,16 @@ class TrainerConfig:
     compile_mode: str = "auto"  # auto: "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere
     loader: str = "auto"  # auto (device-resident on CUDA for in-memory data) | device | dataloader
     num_workers: int = 4
+    # Keep the last, smaller batch of each epoch (as PyTorch's DataLoader does by default); a last
+    # batch of one sample is still dropped when the loss compares pairs (OPL).
+    drop_last: bool = False
     eval_every: int = 1
-    geometry: bool = True  # feature geometry of the whole test set at each evaluation
     log_every: int = 50  # steps between host synchronisations (NaN check, progress)
     ckpt_every: int = 1
     deterministic: bool = False
-    # The authors' protocol: the best TEST accuracy from this epoch on (model selection on the
-    # test set). Reported under a name that says so, never as the main number.
-    test_selection_from_epoch: int | None = None
+    # The authors' protocol: the best TEST accuracy over the epochs after this one (model selection
+    # on the test set). Reported under a name that says so, never as the main number.
+    test_selection_after_epoch: int | None = None
     progress: str = "auto"  # auto | bar | line
 
     def __post_init__(self):
@@ -62,23 +67,6 @@ class TrainerConfig:
             raise ConfigError(f"trainer.compile must be true, false or auto, got {self.compile!r}")
         if self.num_workers < 0:
             raise ConfigError(f"trainer.num_workers must be >= 0, got {self.num_workers}")
-
-
-class TrainStep(nn.Module):
-    """Model forward and the whole loss in one module, so one compiled region covers both."""
-
-    def __init__(self, model: nn.Module, criterion: nn.Module, autocast: Callable):
-        super().__init__()
-        self.model = model
-        self.criterion = criterion
-        self.autocast = autocast
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict:
-        with self.autocast():
-            features, logits = self.model(x)
-        parts = self.criterion(logits, features, y, index)
-        parts["top1"] = (logits.argmax(dim=1) == y).float().mean() * 100.0
-        return parts
 
 
 @dataclass
@@ -96,12 +84,10 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainerConfig, model: nn.Module, criterion: nn.Module, data: DataSpec,
-                 optimizer_factory: Callable, schedule: dict, run_dir: str | Path, seed: int = 0,
-                 loggers: tuple = (), callbacks: tuple = (), config_signature: str | None = None,
-                 adversarial: AdversarialConfig | None = None):
+    def __init__(self, cfg: TrainerConfig, step: TrainingStep, data: DataSpec, optimizer_factory: Callable,
+                 schedule: dict, run_dir: str | Path, seed: int = 0, evaluators: dict | None = None,
+                 loggers: tuple = (), callbacks: tuple = (), config_signature: str | None = None):
         self.cfg = cfg
-        self.adversarial = adversarial
         self.seed = seed
         self.data = data
         self.run_dir = Path(run_dir)
@@ -109,8 +95,9 @@ class Trainer:
         self.loggers = list(loggers)
         self.callbacks = list(callbacks)
         self.config_signature = config_signature
+        self.evaluators = dict(evaluators) if evaluators is not None else {"classification": ClassificationEvaluator()}
         self.device = resolve_device(cfg.device)
-        if getattr(criterion, "needs_pairs", False) and cfg.batch_size < 2:
+        if step.needs_pairs and cfg.batch_size < 2:
             raise ConfigError("OPL compares pairs of samples in a batch: trainer.batch_size must be >= 2")
         set_deterministic(cfg.deterministic)
 
@@ -123,39 +110,47 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=memory_format)
-        self.criterion = criterion.to(self.device)
+        self.training_step = step.to(self.device, memory_format=memory_format)
+        self.model, self.criterion = step.model, step.criterion
+        step.bind(self.autocast, self.device, seed)
 
-        self.loader_args = loader_args = dict(device=self.device, kind=cfg.loader, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
-        self.train_loader = build_loader(data, data.train, True, cfg.batch_size, seed=seed, **loader_args)
+        self.loader_args = dict(device=self.device, kind=cfg.loader, num_workers=cfg.num_workers,
+                                channels_last=cfg.channels_last)
+        self.train_loader = build_loader(data, data.train, True, cfg.batch_size, seed=seed, drop_last=cfg.drop_last,
+                                         min_batch=2 if step.needs_pairs else 1, **self.loader_args)
         if len(self.train_loader) == 0:
-            raise ConfigError(f"trainer.batch_size={cfg.batch_size} exceeds the {len(data.train)} training samples")
-        self.eval_loaders = {"test": build_loader(data, data.test, False, cfg.eval_batch_size, **loader_args)}
-        if data.val is not None:
-            self.eval_loaders["val"] = build_loader(data, data.val, False, cfg.eval_batch_size, **loader_args)
+            raise ConfigError(f"trainer.batch_size={cfg.batch_size} exceeds the {len(data.train)} training samples "
+                              "(with trainer.drop_last=true no batch is left)")
+        self._eval_loaders = {}
+        self._stream: Iterator | None = None
 
         self.optimizer = optimizer_factory(self.model.parameters(), **({"fused": True} if self.device.type == "cuda" else {}))
         self.scheduler = build_scheduler(self.optimizer, len(self.train_loader), cfg.epochs, **schedule)
 
-        self.step = TrainStep(self.model, self.criterion, self.autocast)
-        self.attack_generator = None
-        if adversarial is not None:
-            if cfg.compile is True:
-                raise ConfigError("trainer.compile=true is not supported with adversarial training yet "
-                                  "(the attack loop differentiates w.r.t. the input); use trainer.compile=false")
-            self.attack_generator = torch.Generator(device=self.device).manual_seed(seed)
-            self.step = AdversarialTrainStep(self.model, self.criterion, self.autocast, adversarial, data.mean, data.std,
-                                             self.attack_generator)
+        self.step = step
         self.cudagraphs = False
-        if cfg.compile is True or (cfg.compile == "auto" and self.device.type == "cuda" and adversarial is None):
+        if cfg.compile is True and step.compile_refusal:
+            raise ConfigError(f"trainer.compile=true is not supported by {type(step).__name__}: {step.compile_refusal}")
+        if cfg.compile is True or (cfg.compile == "auto" and self.device.type == "cuda" and not step.compile_refusal):
             mode = cfg.compile_mode if cfg.compile_mode != "auto" else (
                 "reduce-overhead" if self.device.type == "cuda" else "default")
             self.cudagraphs = mode == "reduce-overhead" and self.device.type == "cuda"
-            self.step = torch.compile(self.step, mode=mode)
+            # Static shapes: a smaller last batch is one more specialised graph, not a dynamic-shape
+            # recompilation of the main one.
+            self.step = torch.compile(step, mode=mode, dynamic=False)
 
         self.state = TrainState()
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
         self.progress = Progress(cfg.progress)
+
+    def eval_loader(self, split: str):
+        """The un-augmented loader of a data split ("train", "val" or "test"), built once."""
+        if split not in self._eval_loaders:
+            data = getattr(self.data, split)
+            if data is None:
+                raise ValueError(f"{self.data.name} has no {split} split")
+            self._eval_loaders[split] = build_loader(self.data, data, False, self.cfg.eval_batch_size, **self.loader_args)
+        return self._eval_loaders[split]
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -172,7 +167,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "criterion": self.criterion.state_dict(),
             "rng": capture_rng_state(),
-            "attack_rng": None if self.attack_generator is None else self.attack_generator.get_state(),
+            "step_rng": self.training_step.rng_state(),
             "train_loader": self.train_loader.state_dict(),
             "state": vars(self.state),
         }, self.last_checkpoint)
@@ -192,8 +187,7 @@ class Trainer:
             self.criterion.load_state_dict(ckpt["criterion"])
             self.train_loader.load_state_dict(ckpt["train_loader"])
             restore_rng_state(ckpt["rng"])
-            if self.attack_generator is not None:
-                self.attack_generator.set_state(ckpt["attack_rng"])
+            self.training_step.load_rng_state(ckpt["step_rng"])
             self.state = TrainState(**ckpt["state"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: training state does not fit this run ({type(exc).__name__}: {exc})") from exc
@@ -209,15 +203,14 @@ class Trainer:
             raise NonFiniteLossError(step, f"the training loss became NaN/inf at step {step} (epoch {self.state.epoch + 1}); "
                                      f"stopped without saving, the last good checkpoint is {self.last_checkpoint}")
 
-    def _train_epoch(self, epoch: int) -> dict:
+    def _run_steps(self, batches: Iterator, steps: int) -> dict:
+        """`steps` optimisation steps over `batches`; the mean of every loss part, timing and LR."""
         self.model.train()
-        steps = len(self.train_loader)
-        self.progress.start_epoch(epoch, self.cfg.epochs, steps)
         sums, keys, seen, since_sync = None, None, 0, 0
         bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         step_no = torch.full((), self.state.global_step, dtype=torch.int64, device=self.device)
         start = time.perf_counter()
-        for x, y, index in self.train_loader:
+        for x, y, index in itertools.islice(batches, steps):
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             parts = self.step(x, y, index)
@@ -249,23 +242,38 @@ class Trainer:
         record.update(epoch_time_s=seconds, images_per_s=seen / seconds, lr=self.optimizer.param_groups[0]["lr"])
         return record
 
-    def predict(self, split) -> tuple:
-        """(None, logits, labels) of the current model over a whole split in its stored order, without
-        augmentation (e.g. the training set, for the truncated loss's weights)."""
-        loader = build_loader(self.data, split, False, self.cfg.eval_batch_size, **self.loader_args)
-        return predict(self.model, loader, self.autocast, keep_features=False)
+    def _train_epoch(self, epoch: int) -> dict:
+        self.progress.start_epoch(epoch, self.cfg.epochs, len(self.train_loader))
+        return self._run_steps(iter(self.train_loader), len(self.train_loader))
+
+    def train_steps(self, steps: int) -> dict:
+        """Exactly `steps` training steps, continuing one stream of batches across calls and across
+        the loader's epochs, with no evaluation, checkpoint or log line (benchmarks, smoke runs)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if self._stream is None:
+            self._stream = self._endless_batches()
+        return self._run_steps(self._stream, steps)
+
+    def _endless_batches(self) -> Iterator:
+        while True:
+            yield from self.train_loader
+
+    def close(self) -> None:
+        """End the batch stream of `train_steps` now (a DataLoader's worker processes with it)."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def predict(self, split: str) -> tuple:
+        """(None, logits, labels) of the current model over a whole split ("train", "val", "test") in
+        its stored order, without augmentation (e.g. the training set, for the truncated loss's weights)."""
+        return predict(self.model, self.eval_loader(split), self.autocast, keep_features=False)
 
     def evaluate_all(self) -> dict:
         out = {}
-        for split, loader in self.eval_loaders.items():
-            metrics = evaluate(self.model, loader, self.autocast, geometry=self.cfg.geometry and split == "test")
-            out.update({f"{split}_{k}": v for k, v in metrics.items()})
-        if self.adversarial is not None:
-            # The same attack starts at every evaluation: epochs differ only by the model.
-            generator = torch.Generator(device=self.device).manual_seed(self.seed)
-            robust = adversarial_accuracy(self.model, self.eval_loaders["test"], self.autocast, self.data.mean,
-                                          self.data.std, self.adversarial, generator)
-            out.update({f"test_{k}": v for k, v in robust.items()})
+        for evaluator in self.evaluators.values():
+            out.update(evaluator(self))
         return out
 
     def _update_selection(self, epoch: int, evaluation: dict) -> None:
@@ -274,17 +282,20 @@ class Trainer:
         if "val_top1" in evaluation and (self.state.best_val is None or evaluation["val_top1"] > self.state.best_val["val_top1"]):
             self.state.best_val = {"epoch": epoch, "val_top1": evaluation["val_top1"], **test}
             atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.run_dir / "best_val.pt")
-        start = self.cfg.test_selection_from_epoch
-        if start is not None and epoch >= start and (
+        after = self.cfg.test_selection_after_epoch
+        if after is not None and epoch > after and (
                 self.state.best_test is None or evaluation["test_top1"] > self.state.best_test["test_top1"]):
             self.state.best_test = {"epoch": epoch, **test}
 
     def fit(self) -> dict:
         """Train from `state.epoch` to `cfg.epochs`; return the summary for results.json."""
         first_epoch_of_process = True
-        before_epoch = getattr(self.criterion, "before_epoch", None)
+        # Per-epoch state of any part of the step (e.g. the truncated loss's weights).
+        hooks = [m.before_epoch for m in self.training_step.modules() if callable(getattr(m, "before_epoch", None))]
         for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
-            extra = before_epoch(epoch, self) if before_epoch is not None else {}
+            extra = {}
+            for hook in hooks:
+                extra.update(hook(epoch, self))
             record = {"epoch": epoch, **self._train_epoch(epoch), **extra}
             if first_epoch_of_process:
                 self.state.warmup_epoch_s.append(record["epoch_time_s"])
@@ -332,7 +343,7 @@ class Trainer:
         return {
             "final_epoch_test": test_metrics(s.last_eval),
             "best_val_selected_test": test_metrics(s.best_val, val_top1=(s.best_val or {}).get("val_top1")),
-            "authors_best_on_test": test_metrics(s.best_test, from_epoch=self.cfg.test_selection_from_epoch),
+            "authors_best_on_test": test_metrics(s.best_test, after_epoch=self.cfg.test_selection_after_epoch),
             "epochs": s.epoch,
             "train_images_per_s": statistics.median(s.images_per_s) if s.images_per_s else None,
             "warmup_epoch_s": s.warmup_epoch_s,

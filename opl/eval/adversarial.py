@@ -6,8 +6,7 @@ experiments (paper.md section 3: PGD-trained CIFAR models, with and without OPL)
   projection onto the eps-ball around the clean image and onto the valid pixel range [0, 1].
 * `fgsm`: Goodfellow et al. (ICLR 2015): a single signed step of size eps from the clean image.
 
-Repository defaults (the TRADES/MART CIFAR protocol): training attacks use eps = 8/255,
-step = 2/255, 10 steps; evaluation uses the same eps and step with 20 steps.
+`RobustAccuracy` is the evaluator the adversarial experiments add: top-1 under PGD on the test set.
 
 The attacked `forward` maps PIXEL images to logits; `normalized_forward` builds it from a model that
 expects normalised input, so the eps-ball is always measured in pixel units. Gradients are taken
@@ -101,3 +100,57 @@ def normalized_forward(
             return model((x - m) / s)[1]
 
     return forward
+
+
+def channel_views(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std as (1, C, 1, 1) float32 tensors on `device`."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std))
+
+
+def to_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A normalised batch back to float32 pixels in [0, 1], where the attacks work."""
+    return (x.float() * std + mean).clamp(0.0, 1.0)
+
+
+def robust_accuracy(model: nn.Module, loader, autocast, mean, std, eps: float, step_size: float, steps: int,
+                    limit: int | None = None, generator: torch.Generator | None = None) -> dict:
+    """Top-1 (%) under PGD-`steps` (eps, step size in pixel units) over the first `limit` images."""
+    was_training = model.training
+    model.eval()
+    forward = normalized_forward(model, mean, std, autocast)
+    mean_view, std_view = channel_views(mean, std, next(model.parameters()).device)
+    correct, seen = None, 0
+    for x, y, _ in loader:
+        if limit is not None:
+            if seen >= limit:
+                break
+            x, y = x[:limit - seen], y[:limit - seen]
+        adversarial = pgd_linf(forward, to_pixels(x, mean_view, std_view), y, eps, step_size, steps,
+                               random_start=True, generator=generator)
+        with torch.no_grad():
+            hits = (forward(adversarial).argmax(dim=1) == y).sum()
+        correct = hits if correct is None else correct + hits
+        seen += y.shape[0]
+    model.train(was_training)
+    return {"adv_top1": 100.0 * correct.item() / seen, "adv_images": seen}
+
+
+class RobustAccuracy:
+    """Evaluator: test top-1 under L-inf PGD (eps and step size in units of 1/255) as `test_adv_top1`.
+
+    The attack's random start is drawn from the run's seed at every evaluation, so epochs differ
+    only by the model.
+    """
+
+    def __init__(self, eps: float = 8.0, step_size: float = 2.0, steps: int = 20, limit: int | None = None):
+        if not eps >= 0 or not step_size > 0 or steps < 1:
+            raise ValueError(f"robust evaluation needs eps >= 0, step_size > 0, steps >= 1; got {eps}, {step_size}, {steps}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"robust evaluation limit must be >= 1 or null, got {limit}")
+        self.eps, self.step_size, self.steps, self.limit = float(eps), float(step_size), int(steps), limit
+
+    def __call__(self, trainer) -> dict:
+        generator = torch.Generator(device=trainer.device).manual_seed(trainer.seed)
+        metrics = robust_accuracy(trainer.model, trainer.eval_loader("test"), trainer.autocast, trainer.data.mean,
+                                  trainer.data.std, self.eps / 255, self.step_size / 255, self.steps, self.limit, generator)
+        return {f"test_{k}": v for k, v in metrics.items()}

@@ -35,11 +35,6 @@ class ClassificationLoss(nn.Module):
         """True when the loss is meaningless for a batch of one sample."""
         return self.opl is not None
 
-    def before_epoch(self, epoch: int, trainer) -> dict:
-        """Per-epoch state of the base loss (e.g. truncated-loss weights); returns values to log."""
-        hook = getattr(self.base, "before_epoch", None)
-        return hook(epoch, trainer) if hook is not None else {}
-
     def opl_terms(self, features: torch.Tensor, labels: torch.Tensor) -> dict:
         """The OPL entries of the parts dict ({} without OPL); "opl" is unweighted."""
         if self.opl is None:

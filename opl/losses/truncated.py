@@ -56,8 +56,9 @@ class TruncatedLq(nn.Module):
             self.weights.copy_(keep)  # in place: a compiled step keeps reading the same tensor
 
     def before_epoch(self, epoch: int, trainer) -> dict:
+        """Called by the Trainer before each epoch: refresh the weights when due; values to log."""
         if self.refresh_due(epoch):
-            _, logits, labels = trainer.predict(trainer.data.train)
+            _, logits, labels = trainer.predict("train")
             self.refresh(logits, labels)
         return {} if self.weights is None else {"tl_kept_fraction": self.weights.mean().item()}
 
