@@ -2,12 +2,13 @@
 
 from torch.utils.data import Subset
 
-from opl.data.base import AugmentSpec, DataSpec, ImageTensors, Split
+from opl.data.base import AugmentSpec, DataSpec, Split
 from opl.data.splits import seeded_subset, validation_split
 
 
 def _take(split: Split, index) -> Split:
-    return split.subset(index) if isinstance(split, ImageTensors) else Subset(split, index.tolist())
+    # Splits that know how to subset themselves keep their per-sample attributes (e.g. domains).
+    return split.subset(index) if hasattr(split, "subset") else Subset(split, index.tolist())
 
 
 def finalize(

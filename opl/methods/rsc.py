@@ -1,0 +1,158 @@
+"""Representation Self-Challenging (RSC; Huang et al., ECCV 2020): which activations to mute.
+
+Pure functions, no trainer: given the last feature map (B, C, H, W) of a batch, its labels and the
+head that maps a feature map to logits, `rsc_mask` returns the 0/1 mask the muted forward multiplies
+the feature map by. It follows the RSC code (DeLightCMU/RSC bf6d280,
+Domain_Generalization/models/resnet.py:70-150):
+
+1. gradient of the summed true-class logits w.r.t. a detached copy of the feature map (:76-98);
+2. channel scores = that gradient averaged over positions; spatial scores = the feature map
+   weighted by the channel scores, summed over channels (a Grad-CAM map without ReLU) (:99-103);
+3. per batch, spatial muting with probability `spatial_probability`, else channel muting (:106-107);
+4. per sample, zero the entries scoring strictly above the k-th largest score, k = ceil(N * fraction)
+   (0-based index into the descending sort), i.e. the top k unless there are ties (:109-123);
+5. confidence drop = p(true class) before - after muting - offset, negatives set to 0; only samples
+   dropping strictly more than the m-th largest drop, m = round(B * batch_fraction), keep their
+   mask; the others are not muted (:126-146). The batch fraction follows a per-epoch curriculum
+   (:70-73).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from opl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RSCSettings:
+    spatial_fraction: float  # share of the H*W positions muted (RSC: 1/3)
+    channel_fraction: float  # share of the C channels muted (RSC: 1/3.2)
+    spatial_probability: float  # chance a batch mutes positions rather than channels (RSC: 0.5)
+    batch_fraction_start: float  # share of the batch muted at epoch 0 (RSC: 0.3)
+    batch_fraction_step: float  # added every `batch_fraction_interval` epochs (RSC: 0.2 every 10)
+    batch_fraction_interval: int
+    confidence_offset: float  # subtracted from the confidence drop (RSC: 1e-4)
+
+    def __post_init__(self):
+        for key in ("spatial_fraction", "channel_fraction"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"rsc.{key}={getattr(self, key)} must be in (0, 1)")
+        if not 0.0 <= self.spatial_probability <= 1.0:
+            raise ConfigError(f"rsc.spatial_probability={self.spatial_probability} must be in [0, 1]")
+        if not 0.0 <= self.batch_fraction_start < 1.0:
+            raise ConfigError(f"rsc.batch_fraction_start={self.batch_fraction_start} must be in [0, 1)")
+        if self.batch_fraction_interval < 1:
+            raise ConfigError(f"rsc.batch_fraction_interval={self.batch_fraction_interval} must be >= 1")
+
+    def batch_fraction(self, epoch: int) -> float:
+        """Share of the batch muted in 0-based `epoch`: start + step * (epoch // interval)."""
+        fraction = self.batch_fraction_start + (epoch // self.batch_fraction_interval) * self.batch_fraction_step
+        if not 0.0 <= fraction < 1.0:
+            raise ConfigError(f"the RSC batch fraction reaches {fraction:g} at epoch {epoch}; it must stay below 1 "
+                              "(fewer epochs, or a smaller rsc.batch_fraction_step)")
+        return fraction
+
+
+@dataclass(frozen=True)
+class RSCMask:
+    mask: torch.Tensor  # (B, 1, H, W) when spatial, (B, C, 1, 1) otherwise; 0 = muted; ones for unselected samples
+    selected: torch.Tensor  # bool (B,): samples whose mask is applied
+    spatial: bool
+    confidence_drop: torch.Tensor  # (B,), the clamped drop the selection ranked
+
+
+def _score_dtype(x: torch.Tensor) -> torch.dtype:
+    # Rank in at least float32: half-precision scores tie far more often.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def true_class_score_grad(features: torch.Tensor, labels: torch.Tensor,
+                          classify: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d sum_i logits[i, labels[i]] / d features, logits), on a detached copy of `features`;
+    no parameter gradient is accumulated."""
+    with torch.enable_grad():
+        x = features.detach().requires_grad_(True)
+        logits = classify(x)
+        (grad,) = torch.autograd.grad(logits.gather(1, labels.view(-1, 1)).sum(), x)
+    return grad, logits.detach()
+
+
+def channel_scores(grad: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) gradient -> (B, C): its mean over positions."""
+    return grad.to(_score_dtype(grad)).flatten(2).mean(dim=2)
+
+
+def spatial_scores(features: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W): sum over channels of features x channel score."""
+    weights = channel_scores(grad)[:, :, None, None]
+    return (features.detach().to(weights.dtype) * weights).sum(dim=1).flatten(1)
+
+
+def muted_count(n: int, fraction: float) -> int:
+    """Entries muted out of n: ceil(n * fraction), as the RSC code (which needs it below n)."""
+    count = math.ceil(n * fraction)
+    if count >= n:
+        raise ValueError(f"muting ceil({n} x {fraction}) = {count} of {n} entries leaves no threshold; "
+                         "the feature map is too small for this fraction (use a larger image size)")
+    return count
+
+
+def keep_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(B, N) scores -> (B, N) 0/1: 0 where a score is strictly above the row's k-th largest
+    (0-based, descending), k = ceil(N * fraction)."""
+    k = muted_count(scores.shape[1], fraction)
+    threshold = scores.sort(dim=1, descending=True).values[:, k:k + 1]
+    return (scores <= threshold).to(scores.dtype)
+
+
+def feature_mask(features: torch.Tensor, grad: torch.Tensor, spatial: bool, settings: RSCSettings) -> torch.Tensor:
+    """The per-sample mask before selection: (B, 1, H, W) if `spatial`, else (B, C, 1, 1)."""
+    b, c, h, w = features.shape
+    if spatial:
+        return keep_mask(spatial_scores(features, grad), settings.spatial_fraction).view(b, 1, h, w)
+    return keep_mask(channel_scores(grad), settings.channel_fraction).view(b, c, 1, 1)
+
+
+def confidence_drop(logits_before: torch.Tensor, logits_after: torch.Tensor, labels: torch.Tensor,
+                    offset: float) -> torch.Tensor:
+    """max(p_before(y) - p_after(y) - offset, 0) per sample, with p the softmax probabilities."""
+    index = labels.view(-1, 1)
+    dtype = _score_dtype(logits_before)
+    before = F.softmax(logits_before.to(dtype), dim=1).gather(1, index).squeeze(1)
+    after = F.softmax(logits_after.to(dtype), dim=1).gather(1, index).squeeze(1)
+    return (before - after - offset).clamp(min=0.0)
+
+
+def most_dropped(drop: torch.Tensor, batch_fraction: float) -> torch.Tensor:
+    """bool (B,): drop strictly above the m-th largest (0-based, descending), m = round(B * fraction)
+    with Python's round, as the RSC code. Samples without a positive drop are never selected."""
+    m = round(drop.shape[0] * batch_fraction)
+    if m >= drop.shape[0]:
+        raise ValueError(f"batch fraction {batch_fraction} of a batch of {drop.shape[0]} leaves no threshold")
+    threshold = drop.sort(descending=True).values[m]
+    return drop > threshold
+
+
+def draw_spatial(settings: RSCSettings, generator: torch.Generator | None) -> bool:
+    """One draw per batch from a CPU generator (host side, so no device synchronisation)."""
+    return bool(torch.rand((), generator=generator) < settings.spatial_probability)
+
+
+def rsc_mask(features: torch.Tensor, labels: torch.Tensor, classify: Callable[[torch.Tensor], torch.Tensor],
+             settings: RSCSettings, epoch: int, generator: torch.Generator | None = None) -> RSCMask:
+    """The RSC mask of one batch. `classify` maps a feature map to logits and must be deterministic
+    (the RSC code runs its head in eval mode here); it is called twice, without parameter gradients.
+    The training forward is then `classify(features * result.mask)`."""
+    grad, logits = true_class_score_grad(features, labels, classify)
+    spatial = draw_spatial(settings, generator)
+    mask = feature_mask(features, grad, spatial, settings).to(features.dtype)
+    with torch.no_grad():
+        logits_after = classify(features.detach() * mask)
+    drop = confidence_drop(logits, logits_after, labels, settings.confidence_offset)
+    selected = most_dropped(drop, settings.batch_fraction(epoch))
+    mask = torch.where(selected.view(-1, 1, 1, 1), mask, torch.ones_like(mask))
+    return RSCMask(mask, selected, spatial, drop)
