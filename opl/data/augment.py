@@ -123,10 +123,11 @@ def pil_transforms(spec: AugmentSpec, mean, std, train: bool, image_size: int):
     return T.Compose(steps)
 
 
-def append_mirrored(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch followed by its horizontally mirrored copy, labels repeated: (2B, ...), (2B,).
+def append_mirrored(images: torch.Tensor, *per_sample: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The batch followed by its horizontally mirrored copy, per-sample tensors (labels, indices)
+    repeated: (2B, ...), (2B,), ...
 
     The RSC code's training loop does this to every batch after per-sample augmentation and
     normalisation (DeLightCMU/RSC bf6d280, Domain_Generalization/train.py:86-88).
     """
-    return torch.cat((images, images.flip(-1))), torch.cat((labels, labels))
+    return (torch.cat((images, images.flip(-1))), *(torch.cat((t, t)) for t in per_sample))

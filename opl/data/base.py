@@ -16,6 +16,9 @@ class AugmentSpec:
     brightness: float = 0.0  # ColorJitter factors, each drawn from [max(0, 1-x), 1+x]
     contrast: float = 0.0
     saturation: float = 0.0
+    # Each training batch followed by its horizontally mirrored copy (2B samples, labels and indices
+    # repeated), after the per-sample augmentation: the RSC code's training loop (docs/pacs.md).
+    mirror_batch: bool = False
 
     @property
     def jitter(self) -> bool:

@@ -12,8 +12,17 @@ uninterrupted one.
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from opl.data.augment import BatchAugment
+from opl.data.augment import BatchAugment, append_mirrored
 from opl.data.base import DataSpec, ImageTensors, Split
+
+
+def finish(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, augment: BatchAugment, train: bool,
+           generator: torch.Generator, memory_format: torch.memory_format) -> tuple:
+    """uint8 batch on the device -> (normalised float batch, labels, indices), augmented when training."""
+    x = augment(x, train, generator)
+    if train and augment.spec.mirror_batch:
+        x, y, index = append_mirrored(x, y, index)
+    return x.contiguous(memory_format=memory_format), y, index
 
 
 def batch_count(n: int, batch_size: int, drop_last: bool, min_batch: int) -> int:
@@ -47,8 +56,7 @@ class DeviceTensorLoader:
                  else torch.arange(n, device=self.images.device))
         for i in range(self.steps):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.augment(self.images[idx], self.train, self.generator)
-            yield x.contiguous(memory_format=self.memory_format), self.labels[idx], idx
+            yield finish(self.images[idx], self.labels[idx], idx, self.augment, self.train, self.generator, self.memory_format)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -115,9 +123,9 @@ class DeviceDataLoader:
                 break
             if x.dtype != torch.uint8:
                 raise TypeError(f"dataset items must be uint8 image tensors, got {x.dtype}")
-            x = self.augment(x.to(self.device, non_blocking=True), self.train, self.device_generator)
-            yield (x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True),
-                   idx.to(self.device, non_blocking=True))
+            yield finish(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
+                         idx.to(self.device, non_blocking=True), self.augment, self.train, self.device_generator,
+                         self.memory_format)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "device_generator": self.device_generator.get_state()}

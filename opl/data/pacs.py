@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from opl.data.base import DataSpec
+from opl.data.base import AugmentSpec, DataSpec
 from opl.data.prepare import finalize
 from opl.errors import ConfigError, DatasetNotFoundError
 
@@ -190,6 +190,7 @@ def pacs(
     mean: list[float],
     std: list[float],
     train_transform: dict,
+    mirror_batch: bool = False,
     split_seed: int = 0,
     limit_train: int | None = None,
     limit_test: int | None = None,
@@ -236,6 +237,7 @@ def pacs(
         test=PacsImages.from_lists(image_root, test_lists, test_tf),
         mean=tuple(mean),
         std=tuple(std),
+        augment=AugmentSpec(mirror_batch=mirror_batch),
         notes={"target": target, "sources": sources, "splits": splits, "dropped_list_lines": dropped},
         fingerprint=_fingerprint(lists),
     )

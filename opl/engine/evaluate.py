@@ -33,8 +33,11 @@ def predict(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, kee
     return (torch.cat(features) if keep_features else None), torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, geometry: bool = True) -> dict[str, float]:
-    """Accuracies in percent; the mean cross-entropy; geometry over the whole split if asked."""
+def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, geometry: bool = True,
+             groups: tuple[torch.Tensor, tuple[str, ...]] | None = None) -> dict[str, float]:
+    """Accuracies in percent; the mean cross-entropy; geometry over the whole split if asked; with
+    `groups` = (group id per sample in the split's order, group names), top-1 per group as
+    `<name>_top1` (e.g. per source domain)."""
     features, logits, labels = predict(model, loader, autocast, keep_features=geometry)
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
@@ -46,12 +49,26 @@ def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, ge
     }
     if geometry:
         metrics.update(feature_geometry(features, labels))
+    if groups is not None:
+        ids, names = groups
+        ids = torch.as_tensor(ids, device=hits.device)
+        for group, name in enumerate(names):
+            members = ids == group
+            metrics[f"{name}_top1"] = 100.0 * hits[members, 0].sum().item() / max(1, members.sum().item())
     return metrics
+
+
+def split_groups(split) -> tuple[torch.Tensor, tuple[str, ...]] | None:
+    """(group id per sample, names) of a split that records them (e.g. PACS's source domains)."""
+    if getattr(split, "domains", None) is None or len(split.domain_names) < 2:
+        return None
+    return torch.as_tensor(split.domains), tuple(split.domain_names)
 
 
 class ClassificationEvaluator:
     """Top-1/top-5 and loss on the validation split (when there is one) and the test split, plus the
-    test set's feature geometry (the paper's same-/different-class cosine figure) if asked."""
+    test set's feature geometry (the paper's same-/different-class cosine figure) if asked, and the
+    top-1 per domain of a split that records its samples' domains (`val_<domain>_top1`)."""
 
     def __init__(self, geometry: bool = True):
         self.geometry = bool(geometry)
@@ -62,6 +79,6 @@ class ClassificationEvaluator:
             if getattr(trainer.data, split) is None:
                 continue
             metrics = evaluate(trainer.model, trainer.eval_loader(split), trainer.autocast,
-                               geometry=self.geometry and split == "test")
+                               geometry=self.geometry and split == "test", groups=split_groups(getattr(trainer.data, split)))
             out.update({f"{split}_{k}": v for k, v in metrics.items()})
         return out

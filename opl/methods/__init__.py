@@ -3,5 +3,6 @@ computations, free of the trainer (e.g. RSC's feature muting)."""
 
 from opl.methods.adversarial import AdversarialStep
 from opl.methods.base import StandardStep, TrainingStep
+from opl.methods.rsc import RSCStep
 
-__all__ = ["AdversarialStep", "StandardStep", "TrainingStep"]
+__all__ = ["AdversarialStep", "RSCStep", "StandardStep", "TrainingStep"]

@@ -15,6 +15,8 @@ Domain_Generalization/models/resnet.py:70-150):
    dropping strictly more than the m-th largest drop, m = round(B * batch_fraction), keep their
    mask; the others are not muted (:126-146). The batch fraction follows a per-epoch curriculum
    (:70-73).
+
+`RSCStep` is the training step (`method=rsc`) built on them.
 """
 
 import math
@@ -23,8 +25,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from opl.errors import ConfigError
+from opl.methods.base import TrainingStep
 
 
 @dataclass(frozen=True)
@@ -156,3 +160,48 @@ def rsc_mask(features: torch.Tensor, labels: torch.Tensor, classify: Callable[[t
     selected = most_dropped(drop, settings.batch_fraction(epoch))
     mask = torch.where(selected.view(-1, 1, 1, 1), mask, torch.ones_like(mask))
     return RSCMask(mask, selected, spatial, drop)
+
+
+class RSCStep(TrainingStep):
+    """RSC's training step: the model's last feature map, muted as `rsc_mask` decides, through the
+    head; the criterion (CE, or CE + lambda * OPL on the muted pooled features, the vector the
+    classifier sees) on the result. The model must offer `feature_map(x)` and `head(map) ->
+    (features, logits)` (the timm backbones do). Knobs: the fields of `RSCSettings`."""
+
+    compile_refusal = ("RSC takes a gradient w.r.t. the feature map inside the step and draws spatial vs "
+                       "channel muting on the host; use trainer.compile=false")
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, data=None, **settings):
+        super().__init__(model, criterion)
+        if not all(callable(getattr(model, name, None)) for name in ("feature_map", "head")):
+            raise ConfigError(f"method=rsc needs a model with feature_map() and head() (e.g. model=resnet18 or "
+                              f"resnet50); {type(model).__name__} has neither")
+        self.settings = RSCSettings(**settings)
+        self.epoch = 0  # 0-based, as the RSC code's curriculum counts
+        self.generator = torch.Generator()
+
+    def bind(self, autocast, device: torch.device, seed: int) -> None:
+        super().bind(autocast, device, seed)
+        self.generator.manual_seed(seed)
+
+    def rng_state(self) -> dict:
+        return {"rsc": self.generator.get_state()}
+
+    def load_rng_state(self, state: dict) -> None:
+        self.generator.set_state(state["rsc"])
+
+    def before_epoch(self, epoch: int, trainer) -> dict:
+        """Called by the Trainer before each (1-based) epoch: the curriculum's batch fraction."""
+        self.settings.batch_fraction(trainer.cfg.epochs - 1)  # fails before training if it would reach 1
+        self.epoch = epoch - 1
+        return {"rsc_batch_fraction": self.settings.batch_fraction(self.epoch)}
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict:
+        with self.autocast():
+            feature_map = self.model.feature_map(x)
+            muted = rsc_mask(feature_map, y, lambda f: self.model.head(f)[1], self.settings, self.epoch, self.generator)
+            features, logits = self.model.head(feature_map * muted.mask)
+        parts = self.criterion(logits, features, y, index)
+        parts["top1"] = self.accuracy(logits, y)
+        parts["rsc_muted"] = muted.selected.float().mean()  # share of the batch trained on a muted map
+        return parts
