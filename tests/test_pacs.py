@@ -112,7 +112,7 @@ def test_built_dataspec_for_one_target(pacs_root):
     assert torch.bincount(spec.val.domains).tolist() == [208, 171, 398]
     assert spec.test.domain_names == ("cartoon",) and set(spec.test.domains.tolist()) == {0}
     assert torch.bincount(spec.test.labels, minlength=7).sum() == 2344 and spec.test.labels.max() == 6
-    assert spec.augment == AugmentSpec()  # the device only normalises
+    assert spec.augment == AugmentSpec(mirror_batch=True)  # the device only normalises, then appends the mirror
     assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
     assert spec.notes["sources"] == ["art_painting", "photo", "sketch"] and spec.notes["dropped_list_lines"] == []
     assert spec.fingerprint == build(pacs_root, target="cartoon").fingerprint
