@@ -16,13 +16,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from opl.data.noise import LabelNoise, with_label_noise
+from opl.engine.distributed import DistributedContext, broadcast_object
 from opl.engine.run_dir import RunDir
 from opl.engine.trainer import Trainer, TrainerConfig
 from opl.errors import ConfigError, OPLError
 from opl.io import atomic_write_json
 from opl.logging import WandbLogger
 from opl.results.records import run_key, strip_keys
-from opl.runinfo import code_version, environment
+from opl.runinfo import code_version, environment, resolve_device
 from opl.seed import seed_everything
 
 
@@ -86,9 +87,15 @@ def build(cfg: DictConfig, run_dir, signature: str | None, loggers=()):
                    loggers=loggers, config_signature=signature), data
 
 
-def run(cfg: DictConfig) -> dict | None:
+def run(cfg: DictConfig, ctx: DistributedContext) -> dict | None:
+    """One configuration. In a data-parallel run every process executes this; rank 0 alone decides
+    what to do with the run folder and writes files, logs and prints."""
     hydra_cfg = HydraConfig.get()
     run_dir = RunDir(hydra_cfg.runtime.output_dir)
+    if ctx.enabled:
+        device = resolve_device(ctx.device(cfg.trainer.device))
+        ctx.init(device, cfg.dist_timeout_s)
+        cfg.trainer.device = str(device)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     owned_by = strip_keys(resolved, [k for k in hydra_cfg.job.config.override_dirname.exclude_keys if k != "seed"])
     signature = json.dumps(owned_by, sort_keys=True)
@@ -99,24 +106,28 @@ def run(cfg: DictConfig) -> dict | None:
         trainer, data = build(cfg, run_dir.path, None)
         trainer.load_weights(cfg.ckpt_path)
         metrics = trainer.evaluate_all()
-        out = {"ckpt_path": str(cfg.ckpt_path), "data_variant": data.variant, "metrics": metrics,
-               "environment": environment(trainer.device), "code": code_version()}
-        atomic_write_json(run_dir.path / "eval.json", out)
-        print(json.dumps(metrics, indent=2, sort_keys=True))
+        if ctx.is_main:
+            out = {"ckpt_path": str(cfg.ckpt_path), "data_variant": data.variant, "metrics": metrics,
+                   "environment": environment(trainer.device), "code": code_version()}
+            atomic_write_json(run_dir.path / "eval.json", out)
+            print(json.dumps(metrics, indent=2, sort_keys=True))
         return metrics
 
-    if cfg.force:
-        moved = run_dir.archive()
-        if moved:
-            print(f"force=true: earlier files of {run_dir.path} moved to {moved}")
-    run_dir.claim(owned_by)
-    action = run_dir.decide(cfg.resume, cfg.force)
+    action = None
+    if ctx.is_main:
+        if cfg.force:
+            moved = run_dir.archive()
+            if moved:
+                print(f"force=true: earlier files of {run_dir.path} moved to {moved}")
+        run_dir.claim(owned_by)
+        action = run_dir.decide(cfg.resume, cfg.force)
+    action = broadcast_object(action)
     if action == "skip":
         print(f"{run_dir.path} already finished (results.json); nothing to do. Pass force=true to run it again.")
         return json.loads(run_dir.results.read_text())
 
     loggers = []
-    if cfg.logger.name == "wandb":
+    if cfg.logger.name == "wandb" and ctx.is_main:
         loggers.append(WandbLogger(run_dir.path, cfg.logger.project, cfg.name, resolved, mode=cfg.logger.mode,
                                    entity=cfg.logger.entity, tags=list(cfg.logger.tags)))
     elif cfg.logger.name != "none":
@@ -126,8 +137,11 @@ def run(cfg: DictConfig) -> dict | None:
         trainer, data = build(cfg, run_dir.path, signature, loggers)
         if action == "resume":
             trainer.resume(run_dir.checkpoint)
-            print(f"resuming {run_dir.checkpoint} at epoch {trainer.state.epoch}")
+            if ctx.is_main:
+                print(f"resuming {run_dir.checkpoint} at epoch {trainer.state.epoch}")
         summary = trainer.fit()
+        if not ctx.is_main:
+            return None
         results = {
             "schema_version": 1,
             "name": cfg.name,
@@ -139,7 +153,7 @@ def run(cfg: DictConfig) -> dict | None:
             "experiment_config": owned_by,
             "config": resolved,
             "code": code_version(),
-            "environment": environment(trainer.device),
+            "environment": {**environment(trainer.device), "world_size": trainer.world_size},
             "wall_time_s": time.time() - started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_dir": str(run_dir.path),
@@ -157,14 +171,17 @@ def run(cfg: DictConfig) -> dict | None:
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
+    ctx = DistributedContext.from_env()
     try:
-        return run(cfg)
+        return run(cfg, ctx)
     except OPLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # Hydra finishes the sweep's other jobs, then reports this failure and exits non-zero.
             raise
         sys.exit(2)
+    finally:
+        ctx.close()
 
 
 if __name__ == "__main__":

@@ -87,12 +87,14 @@ class WandbLogger:
 
 
 class Progress:
-    """A tqdm bar per epoch on a terminal; one line per epoch otherwise."""
+    """A tqdm bar per epoch on a terminal; one line per epoch otherwise; nothing when "silent"
+    (the other processes of a data-parallel run)."""
 
     def __init__(self, mode: str = "auto"):
-        if mode not in ("auto", "bar", "line"):
+        if mode not in ("auto", "bar", "line", "silent"):
             raise ValueError(f"progress must be auto, bar or line, got {mode!r}")
         self.bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.silent = mode == "silent"
         self._tqdm = None
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
@@ -110,4 +112,5 @@ class Progress:
         if self._tqdm is not None:
             self._tqdm.close()
             self._tqdm = None
-        print(line, flush=True)
+        if not self.silent:
+            print(line, flush=True)

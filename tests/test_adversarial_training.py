@@ -49,7 +49,7 @@ def test_adversarial_resume_matches_uninterrupted(tmp_path):
     interrupted = make_trainer(tmp_path / "b", step=adversarial(), epochs=3, callbacks=(crash_after(1),))
     with pytest.raises(Crash):
         interrupted.fit()
-    resumed = make_trainer(tmp_path / "b", step=adversarial(), epochs=3, seed=9)
+    resumed = make_trainer(tmp_path / "b", step=adversarial(), epochs=3, init_seed=9)
     resumed.resume(tmp_path / "b" / "last.pt")
     resumed.fit()
     for key, value in reference.model.state_dict().items():

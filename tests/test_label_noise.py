@@ -157,7 +157,7 @@ def test_resume_restores_truncated_loss_weights(tmp_path):
     interrupted = make(tmp_path / "b", callbacks=(crash_after(2),))
     with pytest.raises(Crash):
         interrupted.fit()
-    resumed = make(tmp_path / "b", seed=5)
+    resumed = make(tmp_path / "b", init_seed=5)
     resumed.resume(tmp_path / "b" / "last.pt")
     assert torch.equal(resumed.criterion.base.weights, interrupted.criterion.base.weights)
     resumed.fit()

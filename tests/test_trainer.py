@@ -21,8 +21,8 @@ SCHEDULE = {"kind": "multistep", "milestones": [2], "gamma": 0.2, "warmup_epochs
 
 
 def make_trainer(run_dir, seed=0, criterion=None, val=0.0, callbacks=(), signature="sig", step=None,
-                 evaluators=None, **overrides):
-    seed_everything(seed)
+                 evaluators=None, init_seed=None, **overrides):
+    seed_everything(seed if init_seed is None else init_seed)
     data = digits(10, [0.3053], [0.3759], val_fraction=val, limit_train=400, limit_test=200)
     cfg = TrainerConfig(**{"epochs": 4, "batch_size": 32, "eval_batch_size": 100, "device": "cpu",
                            "num_workers": 0, "log_every": 5, "progress": "line", **overrides})
@@ -90,7 +90,7 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, loader):
     interrupted = make_trainer(tmp_path / "b", loader=loader, callbacks=(crash_after(2),))
     with pytest.raises(Crash):
         interrupted.fit()
-    resumed = make_trainer(tmp_path / "b", seed=123, loader=loader)  # a different init: resume must overwrite it
+    resumed = make_trainer(tmp_path / "b", init_seed=123, loader=loader)  # a different init: resume must overwrite it
     resumed.resume(tmp_path / "b" / "last.pt")
     assert resumed.state.epoch == 2
     resumed.fit()
@@ -116,7 +116,7 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path):
     trainer = make_trainer(tmp_path, epochs=1)
     trainer.fit()
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "rng", "train_loader", "state"} <= set(ckpt)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "step_rng", "state"} <= set(ckpt)
     assert ckpt["state"]["epoch"] == 1 and ckpt["config_signature"] == "sig"
     assert not list(tmp_path.glob(".last.pt.*.tmp"))  # the atomic write left no temporary file
 
@@ -210,3 +210,9 @@ def test_deterministic_mode_repeats_exactly(tmp_path):
     for key, value in first.model.state_dict().items():
         assert torch.equal(value, second.model.state_dict()[key])
     torch.use_deterministic_algorithms(False)
+
+
+def test_resume_refuses_a_checkpoint_of_another_seed(tmp_path):
+    make_trainer(tmp_path, epochs=1).fit()
+    with pytest.raises(CheckpointError, match="seed 0, this run has seed 4"):
+        make_trainer(tmp_path, seed=4).resume(tmp_path / "last.pt")

@@ -13,24 +13,33 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from opl.engine.distributed import all_gather_rows, world
 from opl.eval.geometry import feature_geometry
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, keep_features: bool = True):
-    """(features or None, float logits, labels) of the whole split, in the loader's order, on its device."""
+    """(features or None, float logits, labels) of the whole split in its stored order, on the
+    loader's device. In a data-parallel run each process predicts its shard and every process
+    receives the whole split, so metrics are exact and identical on all ranks."""
     was_training = model.training
     model.eval()
-    features, logits, labels = [], [], []
-    for x, y, _ in loader:
+    features, logits, labels, index = [], [], [], []
+    for x, y, i in loader:
         with autocast():
             f, out = model(x)
         logits.append(out.float())
         labels.append(y)
+        index.append(i)
         if keep_features:
             features.append(f.float())
     model.train(was_training)
-    return (torch.cat(features) if keep_features else None), torch.cat(logits), torch.cat(labels)
+    parts = [torch.cat(logits), torch.cat(labels), torch.cat(index)] + ([torch.cat(features)] if keep_features else [])
+    if world()[1] > 1:
+        parts = [all_gather_rows(t) for t in parts]
+        order = parts[2].argsort()
+        parts = [t[order] for t in parts]
+    return (parts[3] if keep_features else None), parts[0], parts[1]
 
 
 def evaluate(model: torch.nn.Module, loader, autocast=contextlib.nullcontext, geometry: bool = True,

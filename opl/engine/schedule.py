@@ -35,3 +35,13 @@ def lr_factor(kind: str, iters_per_epoch: int, epochs: int, warmup_epochs: float
 
 def build_scheduler(optimizer: torch.optim.Optimizer, iters_per_epoch: int, epochs: int, **spec):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(iters_per_epoch=iters_per_epoch, epochs=epochs, **spec))
+
+
+def set_iteration(scheduler: torch.optim.lr_scheduler.LambdaLR, iteration: int) -> None:
+    """Put a restored scheduler at `iteration` (e.g. the first of an epoch after a resume with
+    another number of iterations per epoch), setting the optimizer's learning rates to match."""
+    scheduler.last_epoch = iteration
+    lrs = [base * factor(iteration) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

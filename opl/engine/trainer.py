@@ -22,8 +22,9 @@ import torch
 from opl.data.base import DataSpec
 from opl.data.loaders import build_loader
 from opl.engine.checkpoint import atomic_save, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state
+from opl.engine.distributed import world
 from opl.engine.evaluate import ClassificationEvaluator, predict
-from opl.engine.schedule import build_scheduler
+from opl.engine.schedule import build_scheduler, set_iteration
 from opl.errors import CheckpointError, ConfigError, NonFiniteLossError
 from opl.logging import JsonlWriter, Progress
 from opl.methods.base import TrainingStep
@@ -36,8 +37,8 @@ CHECKPOINT_FORMAT = 2
 @dataclass
 class TrainerConfig:
     epochs: int = 200
-    batch_size: int = 128
-    eval_batch_size: int = 1000
+    batch_size: int = 128  # the global batch: each of W data-parallel processes takes batch_size / W
+    eval_batch_size: int = 1000  # per process
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
     channels_last: bool = True
@@ -52,6 +53,7 @@ class TrainerConfig:
     log_every: int = 50  # steps between host synchronisations (NaN check, progress)
     ckpt_every: int = 1
     deterministic: bool = False
+    sync_bn: bool = False  # data-parallel runs: batch-norm statistics over the global batch
     # The authors' protocol: the best TEST accuracy over the epochs after this one (model selection
     # on the test set). Reported under a name that says so, never as the main number.
     test_selection_after_epoch: int | None = None
@@ -97,8 +99,14 @@ class Trainer:
         self.config_signature = config_signature
         self.evaluators = dict(evaluators) if evaluators is not None else {"classification": ClassificationEvaluator()}
         self.device = resolve_device(cfg.device)
-        if step.needs_pairs and cfg.batch_size < 2:
-            raise ConfigError("OPL compares pairs of samples in a batch: trainer.batch_size must be >= 2")
+        self.rank, self.world_size = world()
+        self.is_main = self.rank == 0
+        if cfg.batch_size % self.world_size:
+            raise ConfigError(f"trainer.batch_size={cfg.batch_size} (the global batch) must divide among the "
+                              f"{self.world_size} processes")
+        self.local_batch_size = cfg.batch_size // self.world_size
+        if step.needs_pairs and self.local_batch_size < 2:
+            raise ConfigError("OPL compares pairs of samples in a batch: trainer.batch_size must be >= 2 per process")
         set_deterministic(cfg.deterministic)
 
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
@@ -110,38 +118,46 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.sync_bn and self.world_size > 1:
+            step = torch.nn.SyncBatchNorm.convert_sync_batchnorm(step)
         self.training_step = step.to(self.device, memory_format=memory_format)
         self.model, self.criterion = step.model, step.criterion
         step.bind(self.autocast, self.device, seed)
 
         self.loader_args = dict(device=self.device, kind=cfg.loader, num_workers=cfg.num_workers,
-                                channels_last=cfg.channels_last)
-        self.train_loader = build_loader(data, data.train, True, cfg.batch_size, seed=seed, drop_last=cfg.drop_last,
-                                         min_batch=2 if step.needs_pairs else 1, **self.loader_args)
+                                channels_last=cfg.channels_last, rank=self.rank, world=self.world_size)
+        self.train_loader = build_loader(data, data.train, True, self.local_batch_size, seed=seed,
+                                         drop_last=cfg.drop_last, min_batch=2 if step.needs_pairs else 1,
+                                         **self.loader_args)
         if len(self.train_loader) == 0:
             raise ConfigError(f"trainer.batch_size={cfg.batch_size} exceeds the {len(data.train)} training samples "
                               "(with trainer.drop_last=true no batch is left)")
         self._eval_loaders = {}
         self._stream: Iterator | None = None
+        self._stream_epoch = 0
 
         self.optimizer = optimizer_factory(self.model.parameters(), **({"fused": True} if self.device.type == "cuda" else {}))
         self.scheduler = build_scheduler(self.optimizer, len(self.train_loader), cfg.epochs, **schedule)
 
-        self.step = step
+        # One process per device: DDP averages the gradients; the step (model + loss) is what it wraps.
+        self.step = step if self.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+            step, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.cudagraphs = False
         if cfg.compile is True and step.compile_refusal:
             raise ConfigError(f"trainer.compile=true is not supported by {type(step).__name__}: {step.compile_refusal}")
         if cfg.compile is True or (cfg.compile == "auto" and self.device.type == "cuda" and not step.compile_refusal):
+            # CUDA graphs for the launch-bound single-device step; data-parallel steps (large models,
+            # gradient all-reduce in the backward) are compiled without them.
             mode = cfg.compile_mode if cfg.compile_mode != "auto" else (
-                "reduce-overhead" if self.device.type == "cuda" else "default")
+                "reduce-overhead" if self.device.type == "cuda" and self.world_size == 1 else "default")
             self.cudagraphs = mode == "reduce-overhead" and self.device.type == "cuda"
             # Static shapes: a smaller last batch is one more specialised graph, not a dynamic-shape
             # recompilation of the main one.
-            self.step = torch.compile(step, mode=mode, dynamic=False)
+            self.step = torch.compile(self.step, mode=mode, dynamic=False)
 
         self.state = TrainState()
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
-        self.progress = Progress(cfg.progress)
+        self.progress = Progress(cfg.progress if self.is_main else "silent")
 
     def eval_loader(self, split: str):
         """The un-augmented loader of a data split ("train", "val" or "test"), built once."""
@@ -158,9 +174,12 @@ class Trainer:
         return self.run_dir / "last.pt"
 
     def save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
         atomic_save({
             "format": CHECKPOINT_FORMAT,
             "config_signature": self.config_signature,
+            "seed": self.seed,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -168,7 +187,6 @@ class Trainer:
             "criterion": self.criterion.state_dict(),
             "rng": capture_rng_state(),
             "step_rng": self.training_step.rng_state(),
-            "train_loader": self.train_loader.state_dict(),
             "state": vars(self.state),
         }, self.last_checkpoint)
 
@@ -179,19 +197,24 @@ class Trainer:
         if self.config_signature is not None and ckpt.get("config_signature") != self.config_signature:
             raise CheckpointError(f"{path} was written by a run with a different configuration; "
                                   "resuming it would mix two experiments (use another run dir or force=true)")
+        if ckpt.get("seed") != self.seed:
+            raise CheckpointError(f"{path} was written by a run with seed {ckpt.get('seed')}, this run has seed "
+                                  f"{self.seed}: its batches would differ from the interrupted run's")
         load_model_state(self.model, ckpt["model"], str(path))
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.criterion.load_state_dict(ckpt["criterion"])
-            self.train_loader.load_state_dict(ckpt["train_loader"])
             restore_rng_state(ckpt["rng"])
             self.training_step.load_rng_state(ckpt["step_rng"])
             self.state = TrainState(**ckpt["state"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: training state does not fit this run ({type(exc).__name__}: {exc})") from exc
-        self.metrics.truncate_after(self.state.epoch)
+        # Iterations per epoch depend on the world size: continue from this epoch's first iteration.
+        set_iteration(self.scheduler, self.state.epoch * len(self.train_loader))
+        if self.is_main:
+            self.metrics.truncate_after(self.state.epoch)
 
     def load_weights(self, path: str | Path) -> None:
         load_model_state(self.model, load_checkpoint(path, map_location=self.device)["model"], str(path))
@@ -234,6 +257,10 @@ class Trainer:
                 self.progress.update(since_sync, float(sums[0]) / seen)
                 since_sync = 0
         self._check_finite(bad_step)
+        if self.world_size > 1:  # means over every process's samples
+            totals = torch.cat([sums, torch.tensor([float(seen)], device=sums.device)])
+            torch.distributed.all_reduce(totals)
+            sums, seen = totals[:-1], int(totals[-1].item())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -244,6 +271,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict:
         self.progress.start_epoch(epoch, self.cfg.epochs, len(self.train_loader))
+        self.train_loader.set_epoch(epoch)
         return self._run_steps(iter(self.train_loader), len(self.train_loader))
 
     def train_steps(self, steps: int) -> dict:
@@ -257,6 +285,8 @@ class Trainer:
 
     def _endless_batches(self) -> Iterator:
         while True:
+            self._stream_epoch += 1
+            self.train_loader.set_epoch(self._stream_epoch)
             yield from self.train_loader
 
     def close(self) -> None:
@@ -281,7 +311,8 @@ class Trainer:
         self.state.last_eval = {"epoch": epoch, **evaluation}
         if "val_top1" in evaluation and (self.state.best_val is None or evaluation["val_top1"] > self.state.best_val["val_top1"]):
             self.state.best_val = {"epoch": epoch, "val_top1": evaluation["val_top1"], **test}
-            atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.run_dir / "best_val.pt")
+            if self.is_main:
+                atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.run_dir / "best_val.pt")
         after = self.cfg.test_selection_after_epoch
         if after is not None and epoch > after and (
                 self.state.best_test is None or evaluation["test_top1"] > self.state.best_test["test_top1"]):
@@ -309,9 +340,10 @@ class Trainer:
                 self._update_selection(epoch, evaluation)
             self.state.epoch = epoch
             self.state.elapsed_s += record["epoch_time_s"]
-            self.metrics.write(record)
-            for logger in self.loggers:
-                logger.log(record, step=epoch)
+            if self.is_main:
+                self.metrics.write(record)
+                for logger in self.loggers:
+                    logger.log(record, step=epoch)
             if epoch % self.cfg.ckpt_every == 0 or epoch == self.cfg.epochs:
                 self.save_checkpoint()
             self.progress.end_epoch(self._epoch_line(record))

@@ -53,15 +53,16 @@ class ClassificationLoss(nn.Module):
         return self.combine(self.base.name, self.base(logits, labels, index), features, labels)
 
 
-def ce_plus_opl(weight: float = 1.0, gamma: float = 0.5, neg_abs: str = "elementwise", eps: float = 1e-6) -> ClassificationLoss:
-    """`CE + weight * OPL(gamma, neg_abs)`: the composition the configs instantiate."""
-    return ClassificationLoss(OrthogonalProjectionLoss(gamma=gamma, neg_abs=neg_abs, eps=eps), weight=weight)
+def ce_plus_opl(weight: float = 1.0, gamma: float = 0.5, neg_abs: str = "elementwise", eps: float = 1e-6,
+                scope: str = "local") -> ClassificationLoss:
+    """`CE + weight * OPL(gamma, neg_abs, scope)`: the composition the configs instantiate."""
+    return ClassificationLoss(OrthogonalProjectionLoss(gamma=gamma, neg_abs=neg_abs, eps=eps, scope=scope), weight=weight)
 
 
 def truncated_lq(q: float = 0.7, k: float = 0.5, start_epoch: int = 40, refresh_every: int = 10,
                  weight: float | None = None, gamma: float = 0.5, neg_abs: str = "elementwise",
-                 eps: float = 1e-6) -> ClassificationLoss:
-    """The truncated Lq loss; plus `weight * OPL(gamma, neg_abs)` when `weight` is given."""
-    opl = None if weight is None else OrthogonalProjectionLoss(gamma=gamma, neg_abs=neg_abs, eps=eps)
+                 eps: float = 1e-6, scope: str = "local") -> ClassificationLoss:
+    """The truncated Lq loss; plus `weight * OPL(gamma, neg_abs, scope)` when `weight` is given."""
+    opl = None if weight is None else OrthogonalProjectionLoss(gamma=gamma, neg_abs=neg_abs, eps=eps, scope=scope)
     return ClassificationLoss(opl, weight=1.0 if weight is None else weight,
                               base=TruncatedLq(q=q, k=k, start_epoch=start_epoch, refresh_every=refresh_every))

@@ -8,6 +8,10 @@ For L2-normalised features f_i and labels y_i of one mini-batch:
 
 The computation is a handful of B x B tensor operations with no host synchronisation and no
 Python branch on data, so it can live inside a compiled / CUDA-graph region.
+
+Under data-parallel training `scope="local"` (the authors' choice) computes OPL on each process's
+own batch; `scope="global"` computes it over the batches of all processes, gathered with gradients
+flowing back to every process, so a W-process run optimises exactly the single-process loss.
 """
 
 from typing import NamedTuple
@@ -17,6 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 NEG_ABS_MODES = ("elementwise", "mean", "none")
+SCOPES = ("local", "global")
+
+
+def gather_batch(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process's features (differentiable) and labels, concatenated in rank order."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, labels
+    gathered = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, labels)
+    return torch.cat(all_gather(features)), torch.cat(gathered)
 
 
 class OPLComponents(NamedTuple):
@@ -37,8 +54,11 @@ class OrthogonalProjectionLoss(nn.Module):
     With non-negative (post-ReLU) features all three coincide.
     """
 
-    def __init__(self, gamma: float = 0.5, neg_abs: str = "elementwise", eps: float = 1e-6):
+    def __init__(self, gamma: float = 0.5, neg_abs: str = "elementwise", eps: float = 1e-6, scope: str = "local"):
         super().__init__()
+        if scope not in SCOPES:
+            raise ValueError(f"OPL scope must be one of {SCOPES}, got {scope!r}")
+        self.scope = scope
         if not gamma >= 0:  # also rejects NaN
             raise ValueError(f"OPL gamma must be >= 0, got {gamma}")
         if neg_abs not in NEG_ABS_MODES:
@@ -52,6 +72,8 @@ class OrthogonalProjectionLoss(nn.Module):
     def components(self, features: torch.Tensor, labels: torch.Tensor) -> OPLComponents:
         if features.dim() != 2:
             raise ValueError(f"OPL expects features of shape (batch, dim), got {tuple(features.shape)}")
+        if self.scope == "global":
+            features, labels = gather_batch(features, labels)
         # float32 at least, even under autocast; float64 input stays float64 (gradcheck).
         dtype = torch.promote_types(features.dtype, torch.float32)
         with torch.autocast(device_type=features.device.type, enabled=False):
@@ -78,4 +100,4 @@ class OrthogonalProjectionLoss(nn.Module):
         return self.components(features, labels).loss
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, neg_abs={self.neg_abs!r}, eps={self.eps}"
+        return f"gamma={self.gamma}, neg_abs={self.neg_abs!r}, eps={self.eps}, scope={self.scope!r}"
