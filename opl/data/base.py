@@ -72,6 +72,10 @@ class DataSpec:
     # A short hash of what was read (e.g. file count, sorted relative paths and sizes), so a run
     # on other files under the same settings never resumes or skips into an old run folder.
     fingerprint: str | None = None
+    # Few-shot benchmarks: novel-class images (labels 0..C-1 of their own classes) that episodes are
+    # drawn from, keyed "val" (model selection) and "test" (the reported number). `train` / `val` /
+    # `test` above then hold base-class images only.
+    episode_pools: dict[str, ImageTensors] = field(default_factory=dict)
 
     def with_splits(self, **splits) -> "DataSpec":
         return replace(self, **splits)
