@@ -1,5 +1,7 @@
 from opl.models.cifar_resnet import CifarResNet, resnet18_cifar, resnet20, resnet32, resnet44, resnet56, resnet110
 from opl.models.mlp import MLP
+from opl.models.timm_backbones import TimmBackbone
 from opl.models.wide_resnet import WideResNet, wide_resnet, wrn34_10
 
-__all__ = ["CifarResNet", "MLP", "resnet18_cifar", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "WideResNet", "wide_resnet", "wrn34_10"]
+__all__ = ["CifarResNet", "MLP", "TimmBackbone", "resnet18_cifar", "resnet20", "resnet32", "resnet44", "resnet56",
+           "resnet110", "WideResNet", "wide_resnet", "wrn34_10"]
