@@ -14,6 +14,14 @@ CIFAR100_PARTIAL = SHARED_DATA / "cifar100_partial.npz"
 CIFAR10_JPG_TAR = SHARED_DATA / "cifar10-jpg.tar.gz"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def index_cache_in_tmp(tmp_path_factory):
+    """Folder datasets cache their file index; in tests, in a temporary folder, never in ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPL_CACHE_DIR", str(tmp_path_factory.mktemp("opl_cache")))
+        yield
+
+
 def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path} is absent (it lives in ../shared/data beside the repo)")

@@ -89,6 +89,7 @@ def test_cifar10_jpg_real_tree_in_canonical_order(cifar10_jpg_root):
     spec = cifar10_jpg(str(cifar10_jpg_root), **CIFAR10)
     assert spec.train.images.shape == (50000, 3, 32, 32) and spec.test.images.shape == (10000, 3, 32, 32)
     assert spec.variant == "cifar10/jpeg-q75"
+    assert spec.fingerprint.startswith("60001:")  # 60,000 JPEGs + the canonical index file
     # Known CIFAR-10 facts: 5,000 / 1,000 images per class; the first training labels of
     # data_batch_1 are frog, truck, truck, deer, automobile (6, 9, 9, 4, 1).
     assert torch.bincount(spec.train.labels).tolist() == [5000] * 10
