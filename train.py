@@ -10,6 +10,7 @@ import time
 from datetime import datetime, timezone
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -23,7 +24,7 @@ from opl.errors import ConfigError, OPLError
 from opl.io import atomic_write_json
 from opl.logging import WandbLogger
 from opl.results.records import run_key, strip_keys
-from opl.runinfo import code_version, environment, resolve_device
+from opl.runinfo import code_version, environment, resolve_device, sweep_device
 from opl.seed import seed_everything
 
 
@@ -96,6 +97,8 @@ def run(cfg: DictConfig, ctx: DistributedContext) -> dict | None:
         device = resolve_device(ctx.device(cfg.trainer.device))
         ctx.init(device, cfg.dist_timeout_s)
         cfg.trainer.device = str(device)
+    elif hydra_cfg.mode == RunMode.MULTIRUN and torch.cuda.is_available():
+        cfg.trainer.device = sweep_device(cfg.trainer.device, hydra_cfg.job.num, torch.cuda.device_count())
     resolved = OmegaConf.to_container(cfg, resolve=True)
     owned_by = strip_keys(resolved, [k for k in hydra_cfg.job.config.override_dirname.exclude_keys if k != "seed"])
     signature = json.dumps(owned_by, sort_keys=True)
@@ -148,6 +151,10 @@ def run(cfg: DictConfig, ctx: DistributedContext) -> dict | None:
             "seed": cfg.seed,
             "data_variant": data.variant,
             "data_notes": data.notes,
+            "data_fingerprint": data.fingerprint,
+            # Initial weights loaded from a file or a hub (pretrained backbones), None when trained from scratch.
+            "model_weights": {"source": getattr(trainer.model, "weights_source", None),
+                              "sha256": getattr(trainer.model, "weights_sha256", None)},
             "run_key": run_key(owned_by, cfg.seed, data.variant),
             "metrics": summary,
             "experiment_config": owned_by,

@@ -53,6 +53,14 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def sweep_device(requested: str, job_number: int, device_count: int) -> str:
+    """The device of job `job_number` of a sweep whose jobs run side by side on one machine: with
+    "auto" and several GPUs, GPU (job number mod GPU count); otherwise the requested device."""
+    if requested != "auto" or device_count < 2:
+        return requested
+    return f"cuda:{job_number % device_count}"
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

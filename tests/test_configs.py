@@ -91,7 +91,10 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
     adversarial = "robust" in cfg.evaluators
     if adversarial:  # the recipe's PGD-10 / PGD-20 on CPU would dominate the suite
         cfg.method.steps = cfg.evaluators.robust.steps = 1
-    if "root" in cfg.dataset:
+    if cfg.dataset._target_ == "opl.data.folders.image_folder":  # ImageNet recipes on a small class-folder tree
+        cfg.dataset.update(root=str(cifar10_jpg_format_root), classes=None, num_classes=10, test_split="test",
+                           image_size=32)
+    elif "root" in cfg.dataset:
         cfg.dataset.root = str(roots[cfg.dataset._target_](cfg.dataset))
         if "download" in cfg.dataset:
             cfg.dataset.download = False
@@ -102,6 +105,18 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
     assert summary["final_epoch_test"]["loss"] > 0
     if adversarial:
         assert 0.0 <= summary["final_epoch_test"]["adv_top1"] <= summary["final_epoch_test"]["top1"] + 100.0 / 16
+
+
+def test_imagenet_recipes():
+    cfg = compose_experiment("imagenet_r50_opl")
+    assert (cfg.model._target_, cfg.model.arch, cfg.model.num_classes) == ("opl.models.TimmBackbone", "resnet50", 1000)
+    assert (cfg.loss.weight, cfg.loss.gamma, cfg.loss.scope) == (0.1, 2.0, "local")
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.4, 0.9, 1e-4)
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (90, 1024) and list(cfg.sched.milestones) == [30, 60]
+    assert cfg.dataset.image_size == 224 and cfg.dataset.test_split == "val" and cfg.dataset.augment.hflip
+    assert compose_experiment("imagenet_r50d_ce").model.arch == "resnet50d"
+    r18 = compose_experiment("imagenet_r18_ce")
+    assert r18.model.arch == "resnet18" and r18.loss._target_ == "opl.losses.ClassificationLoss" and "weight" not in r18.loss
 
 
 def test_every_table_and_figure_selector_names_an_existing_experiment():

@@ -168,3 +168,24 @@ def test_launcher_environments():
     with pytest.raises(ConfigError, match="launcher environment"):
         DistributedContext.from_env({"RANK": "x", "WORLD_SIZE": "2"})
     assert DistributedContext(0, 2, 1).device("cpu") == "cpu"
+
+
+def test_sweep_jobs_on_one_machine_take_one_gpu_each():
+    from opl.runinfo import sweep_device
+
+    assert [sweep_device("auto", job, 4) for job in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    assert sweep_device("auto", 3, 1) == "auto" and sweep_device("cuda:2", 3, 4) == "cuda:2"
+
+
+@pytest.mark.parametrize("launcher, fields", [
+    ("slurm", {"tasks_per_node": 8, "gpus_per_node": 8, "nodes": 1, "partition": None, "account": None}),
+    ("gpus", {"n_jobs": 4}),
+])
+def test_cluster_launcher_configs_compose(launcher, fields):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "experiment=imagenet_r50_opl"],
+                      return_hydra_config=True)
+    assert {k: cfg.hydra.launcher[k] for k in fields} == fields
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
