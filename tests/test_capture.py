@@ -42,12 +42,15 @@ def tiny_resnet(classes=4) -> CifarResNet:
     return CifarResNet(1, classes, widths=(4, 8, 8))
 
 
-def make_trainer(run_dir, capture="step_only", data=None, step=StandardStep, callbacks=(), init_seed=0, **overrides):
+def make_trainer(run_dir, capture="step_only", data=None, step=StandardStep, callbacks=(), init_seed=0,
+                 model=tiny_resnet, criterion=ce_plus_opl, **overrides):
+    """A trainer on `data` (default `tiny_data()`), on the CPU unless `device=` says otherwise; the
+    model's initial weights depend on `init_seed` only."""
     torch.manual_seed(init_seed)
     data = data or tiny_data()
     cfg = TrainerConfig(**{"epochs": 2, "batch_size": 16, "eval_batch_size": 64, "device": "cpu", "num_workers": 0,
                            "progress": "line", "capture": capture, **overrides})
-    return Trainer(cfg, step(tiny_resnet(data.num_classes), ce_plus_opl(), data), data, SGD, SCHEDULE, run_dir,
+    return Trainer(cfg, step(model(data.num_classes), criterion(), data), data, SGD, SCHEDULE, run_dir,
                    seed=0, callbacks=callbacks, config_signature="sig")
 
 
