@@ -68,6 +68,9 @@ TOP1_TOLERANCE = 0.05  # percentage points between the run's last evaluation and
 LIMITS = {"pytest": 240, "prewarm": 200, "bench128": 170, "train": 240, "eval": 90, "bench512": 150}
 # A part starts only with at least this long left before the hard limit (its expected duration).
 MIN_START = {"bench128": 90, "train": 130, "eval": 30, "bench512": 80}
+# The untimed phase runs several compiling processes at once: fewer compile workers each keeps
+# them from swamping the CPU (the thread count is not part of the compile caches' keys).
+CONCURRENT_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "4"}
 ACTIVE: set = set()  # running child processes (each the leader of its own process group)
 ACTIVE_LOCK = threading.Lock()
 
@@ -263,7 +266,8 @@ def part_pytest(check: Check) -> None:
                        "--continue-on-collection-errors", *check.args.pytest_args)
     if installed_version("pytest-xdist"):
         cmd += ["-n", str(check.args.pytest_workers)]
-    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")}
+    env = {**os.environ, **CONCURRENT_ENV,
+           "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")}
     finished = run_process(cmd, check.out / "pytest.log", check.limit("pytest"), env=env)
     result = {"status": status_of(finished), **finished}
     if report.exists():
@@ -300,8 +304,9 @@ def bench_figures(result: dict) -> dict:
     speedup, overhead = result.get("speedup_vs_reference"), result.get("opl_overhead")
     figures = {
         "device": result.get("device"),
-        "images_per_s": {name: round(c["images_per_s"], 1) for name, c in configs.items()},
-        "warmup_s": {name: round(c["warmup_s"], 2) for name, c in configs.items()},
+        "images_per_s": {name: round(c["images_per_s"], 1) for name, c in configs.items() if "error" not in c},
+        "warmup_s": {name: round(c["warmup_s"], 2) for name, c in configs.items() if "error" not in c},
+        "errors": {name: c["error"] for name, c in configs.items() if "error" in c},
         "speedup_vs_reference": speedup,
         "opl_overhead": overhead,
         "capture_comparison": result.get("capture_comparison"),
@@ -326,6 +331,8 @@ def part_bench(check: Check, part: str, batch: int) -> None:
         full = json.loads(out.read_text())
         result["figures"] = bench_figures(full)
         result["result"] = full
+        if result["figures"]["errors"]:
+            result.update(status="fail", note="failed: " + ", ".join(result["figures"]["errors"]))
     elif result["status"] == "pass":
         result.update(status="fail", note=f"no result file {out}")
     check.record(part, result)
@@ -458,7 +465,8 @@ def untimed_phase(check: Check) -> Path | None:
         logs.mkdir(exist_ok=True)
         jobs = prewarm_jobs(check)
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            futures = {name: pool.submit(run_process, cmd, logs / f"{name}.log", check.limit("prewarm"))
+            env = {**os.environ, **CONCURRENT_ENV}
+            futures = {name: pool.submit(run_process, cmd, logs / f"{name}.log", check.limit("prewarm"), env)
                        for name, cmd in jobs.items()}
             finished = {name: future.result() for name, future in futures.items()}
         check.summary["prewarm"] = finished

@@ -98,7 +98,7 @@ def test_compiled_cudagraph_step_matches_eager_for_50_steps_without_recompiling(
     got += losses(compiled, 47)
     assert graph_counts() == after_warmup, "recompiled after the first steps"
     assert after_warmup[0] >= 1 and counters["inductor"]["cudagraph_skips"] == 0
-    assert_same_training(got, expected, first_rel=2e-2, rel=0.1, falls_to=0.8)  # on the CPU: about 0.6
+    assert_same_training(got, expected, first_rel=2e-2, rel=0.1, falls_to=0.8)
 
 
 @pytest.mark.parametrize("capture", ["with_augment", "whole_step"])
@@ -111,7 +111,7 @@ def test_capture_modes_compiled_match_the_eager_reference(tmp_path, capture):
     trainer = cuda_trainer(tmp_path / capture, capture, data=data, model=small_resnet)
     got = step_by_step(trainer, 20)
     assert_same_training([x for x, _ in got], [x for x, _ in expected], first_rel=2e-2, rel=0.1,
-                         falls_to=0.95)  # on the CPU: about 0.88 after 20 steps
+                         falls_to=0.95)  # eager on the CPU: 0.88
     assert [lr for _, lr in got] == pytest.approx([lr for _, lr in expected], rel=1e-6)
     if capture == "whole_step":
         assert trainer.whole_step.captured == 2 and not trainer.cudagraphs
@@ -192,7 +192,6 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_and_lowers_the_scale(tmp_pat
     before = parameters(trainer.model)
     trainer.train_steps(3)
     assert any(not torch.equal(a, b) for a, b in zip(before, parameters(trainer.model)))
-    assert trainer.scaler.get_scale() == 2.0 ** 16
     trainer.scaler.update(new_scale=2.0 ** 40)  # gradients of loss x 2^40 overflow fp16
     before = parameters(trainer.model)
     record = trainer.train_steps(1)

@@ -81,3 +81,30 @@ def test_bad_arguments_are_refused(gpu_check, tmp_path):
         gpu_check.parse_args([str(tmp_path), "--parts", "pytest,nonsense"])
     with pytest.raises(SystemExit):
         gpu_check.parse_args([str(tmp_path), str(tmp_path / "absent.tar.gz")])
+
+
+def test_a_failing_capture_mode_is_reported_and_the_benchmark_goes_on(monkeypatch, capsys):
+    """The benchmark measures the further capture modes after a, b and c; one that fails becomes an
+    error entry instead of ending the run, and the comparison leaves it out."""
+    spec = importlib.util.spec_from_file_location("opl_benchmark_script_capture", REPO / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    order = []
+
+    def run_ours(key, name, capture, args, data, run_dir):
+        order.append(name)
+        if capture == "whole_step":
+            raise RuntimeError("capture failed")
+        return {"id": key, "name": name, "images_per_s": 100.0 if capture == "step_only" else 120.0,
+                "steps": 1, "warmup_s": 0.0}
+
+    monkeypatch.setattr(bench, "run_ours", run_ours)
+    result = bench.main(["--device", "cpu", "--batch-size", "8", "--images", "16", "--steps", "1",
+                         "--configs", "a,b", "--capture", "step_only,whole_step,with_augment"])
+    capsys.readouterr()
+    assert order == ["ours", "ours_ce", "ours@whole_step", "ours@with_augment"]
+    assert result["configs"]["ours@whole_step"]["error"] == "RuntimeError: capture failed"
+    comparison = result["capture_comparison"]
+    assert comparison["images_per_s"] == {"step_only": 100.0, "with_augment": 120.0}
+    assert comparison["fastest"] == "with_augment" and comparison["relative_to_first"]["with_augment"] == 1.2
+    assert result["configs"]["ours"]["images_per_s"] == 100.0 and result["speedup_vs_reference"] is None
