@@ -18,8 +18,8 @@ Parts, each in its own process with its own time limit, every one reporting pass
   bench512  the benchmark again at batch 512
 
 To fit about 8 minutes, the compile-heavy, untimed work runs first and concurrently (the CUDA
-tests, the extraction, and one short benchmark process per timed configuration of bench128 that
-fills torch.compile's on-disk caches); the timed parts then run one after the other, so their
+tests, the extraction, and one short benchmark process per compiled configuration of bench128 and
+bench512 that fills torch.compile's on-disk caches); the timed parts then run one after the other, so their
 figures are not disturbed. Every process is killed by `--hard-limit-s` after the start, and a part
 starts only while its usual duration still fits before it (else it is reported as skipped), so the
 check always returns its summary. The benchmark's warm-up figures are therefore warm-cache figures; the
@@ -290,13 +290,21 @@ def bench_args(check: Check, batch: int) -> list[str]:
 
 
 def prewarm_jobs(check: Check) -> dict[str, list[str]]:
-    """One short benchmark process per compiled configuration of bench128, by name: each compiles
-    exactly the graphs the timed run will, filling the on-disk compile caches."""
+    """One short benchmark process per compiled configuration of the timed benchmarks, by name:
+    each compiles exactly the graphs the timed run will (same recipe, batch and capture mode),
+    filling the on-disk compile caches."""
     script = str(REPO_ROOT / "scripts" / "benchmark.py")
-    short = ["--steps", "1", "--warmup-steps", "2", "--batch-size", "128", "--out", os.devnull]
-    jobs = {f"a_{mode}": check.python(script, "--configs", "a", "--capture", mode, *short)
-            for mode in CAPTURE_MODES.split(",")}
-    return {**jobs, "b_step_only": check.python(script, "--configs", "b", *short)}
+    # Three steps on 1,024 images: the graphs depend on the batch, not on the number of images.
+    short = ["--steps", "1", "--warmup-steps", "2", "--images", "1024", "--out", os.devnull]
+    jobs = {}
+    if check.wanted("bench128"):
+        jobs.update({f"a128_{mode}": check.python(script, "--configs", "a", "--capture", mode, "--batch-size", "128",
+                                                  *short) for mode in CAPTURE_MODES.split(",")})
+        jobs["b128"] = check.python(script, "--configs", "b", "--batch-size", "128", *short)
+    if check.wanted("bench512"):
+        for key in "ab":
+            jobs[f"{key}512"] = check.python(script, "--configs", key, "--batch-size", "512", *short)
+    return jobs
 
 
 def bench_figures(result: dict) -> dict:
@@ -459,11 +467,11 @@ def untimed_phase(check: Check) -> Path | None:
             check.record("train", {"status": "fail", "note": f"could not extract {check.args.tarball}: {exc}"})
 
     def prewarm():
-        if not (check.cuda and check.wanted("bench128")):
+        jobs = prewarm_jobs(check) if check.cuda else {}
+        if not jobs:
             return
         logs = check.work / "prewarm"
         logs.mkdir(exist_ok=True)
-        jobs = prewarm_jobs(check)
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             env = {**os.environ, **CONCURRENT_ENV}
             futures = {name: pool.submit(run_process, cmd, logs / f"{name}.log", check.limit("prewarm"), env)
@@ -552,7 +560,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "its usual duration fits before it (default 540: inside the 10-minute command limit of a "
                         "lent GPU machine)")
     p.add_argument("--work-dir", default=None, help="scratch folder (default: a new temporary folder)")
-    p.add_argument("--pytest-workers", type=int, default=4, help="pytest-xdist processes where installed (default 4)")
+    p.add_argument("--pytest-workers", type=int, default=6, help="pytest-xdist processes where installed (default 6)")
     p.add_argument("--pytest-args", nargs="*", default=[], help="extra pytest arguments, e.g. a test file")
     p.add_argument("--cpu-smoke", action="store_true", help="the same parts on the CPU at tiny sizes (plumbing only)")
     args = p.parse_args(argv)

@@ -70,10 +70,11 @@ def losses(trainer, steps: int) -> list[float]:
 
 def assert_same_training(got: list[float], expected: list[float], first_rel: float, rel: float, falls_to: float) -> None:
     """Same first loss (same weights, same batch) within `first_rel`; every later loss within `rel`
-    of the reference's; and both fall: the mean of the last 5 below `falls_to` x the first 3's."""
+    of the reference's (of 1 below 1: two bf16 trajectories drift apart a little); and both fall:
+    the mean of the last 5 below `falls_to` x the first 3's."""
     assert got[0] == pytest.approx(expected[0], rel=first_rel)
-    worst = max(abs(a - b) / b for a, b in zip(got, expected))
-    assert worst <= rel, f"largest relative loss difference {worst:.4f} over {len(got)} steps"
+    worst = max(abs(a - b) / max(b, 1.0) for a, b in zip(got, expected))
+    assert worst <= rel, f"largest loss difference {worst:.4f} (relative, or absolute below 1) over {len(got)} steps"
     for curve in (got, expected):
         assert sum(curve[-5:]) / 5 < falls_to * sum(curve[:3]) / 3, curve
 
@@ -98,7 +99,7 @@ def test_compiled_cudagraph_step_matches_eager_for_50_steps_without_recompiling(
     got += losses(compiled, 47)
     assert graph_counts() == after_warmup, "recompiled after the first steps"
     assert after_warmup[0] >= 1 and counters["inductor"]["cudagraph_skips"] == 0
-    assert_same_training(got, expected, first_rel=2e-2, rel=0.1, falls_to=0.8)
+    assert_same_training(got, expected, first_rel=2e-2, rel=0.1, falls_to=0.5)  # eager fp32 on the CPU: 0.21
 
 
 @pytest.mark.parametrize("capture", ["with_augment", "whole_step"])
@@ -167,7 +168,8 @@ def test_device_loader_draws_the_same_parameter_statistics_as_the_cpu_path():
         assert torch.bincount(perms, minlength=27).sum() == n and len(perms.unique()) == 6
         assert (torch.bincount(perms)[perms.unique()].float() / n) == pytest.approx([1 / 6] * 6, abs=0.025)
     for key in cuda:  # the two devices against each other
-        assert cuda[key].float().mean().item() == pytest.approx(cpu[key].float().mean().item(), abs=0.2 if key == "offsets" else 0.03)
+        tolerance = 0.2 if key == "offsets" else 0.03
+        assert cuda[key].float().mean().item() == pytest.approx(cpu[key].float().mean().item(), abs=tolerance)
     # Same parameters, same images: the same augmented batch on either device.
     augment = BatchAugment(data.augment, data.mean, data.std)
     images = data.train.images[:256]
@@ -289,7 +291,8 @@ def test_rsc_step_on_cuda(tmp_path):
         for device in ("cpu", "cuda"):
             step = RSCStep(copy.deepcopy(model), ce_plus_opl(), **RSC_KNOBS).to(device)
             step.bind(step.autocast, torch.device(device), seed=5)
-            parts[device] = {k: v.item() for k, v in step(x.to(device), y.to(device), torch.arange(12, device=device)).items()}
+            out = step(x.to(device), y.to(device), torch.arange(12, device=device))
+            parts[device] = {k: v.item() for k, v in out.items()}
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     assert parts["cuda"] == pytest.approx(parts["cpu"], rel=1e-3, abs=1e-5)
