@@ -341,6 +341,11 @@ def part_bench(check: Check, part: str, batch: int) -> None:
         result["result"] = full
         if result["figures"]["errors"]:
             result.update(status="fail", note="failed: " + ", ".join(result["figures"]["errors"]))
+        comparison = result["figures"]["capture_comparison"]
+        if comparison:
+            check.log("capture modes: " + ", ".join(f"{mode} {ips:.0f} images/s" for mode, ips in
+                                                    comparison["images_per_s"].items())
+                      + f"; fastest: {comparison['fastest']}")
     elif result["status"] == "pass":
         result.update(status="fail", note=f"no result file {out}")
     check.record(part, result)
