@@ -560,10 +560,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("out_dir", help="folder for summary.json and the logs (created)")
     p.add_argument("tarball", nargs="?", default=None, help="the CIFAR-10 JPEG archive (cifar10-jpg.tar.gz)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--hard-limit-s", type=float, default=540.0,
+    p.add_argument("--hard-limit-s", type=float, default=480.0,
                    help="every process is killed by this many seconds after the start, and a part starts only if "
-                        "its usual duration fits before it (default 540: inside the 10-minute command limit of a "
-                        "lent GPU machine)")
+                        "its usual duration fits before it (default 480: the 8 minutes the check may take)")
     p.add_argument("--work-dir", default=None, help="scratch folder (default: a new temporary folder)")
     p.add_argument("--pytest-workers", type=int, default=6, help="pytest-xdist processes where installed (default 6)")
     p.add_argument("--pytest-args", nargs="*", default=[], help="extra pytest arguments, e.g. a test file")

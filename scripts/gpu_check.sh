@@ -31,4 +31,4 @@ if ! "$PYTHON" -c "import hydra, omegaconf" 2>/dev/null; then
     fi
 fi
 export PYTHONUNBUFFERED=1
-exec timeout --kill-after=20 "${GPU_CHECK_OUTER_LIMIT_S:-575}" "$PYTHON" scripts/gpu_check.py "$@"
+exec timeout --kill-after=20 "${GPU_CHECK_OUTER_LIMIT_S:-540}" "$PYTHON" scripts/gpu_check.py "$@"
