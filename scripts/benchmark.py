@@ -14,6 +14,10 @@ CIFAR-100 mean/std), for three configurations run one after the other in this on
                   torch.compile "reduce-overhead" with CUDA graphs, GPU-resident uint8 data with
                   on-GPU augmentation, fused SGD on CUDA; channels_last), no evaluation.
   b  "ours_ce"    the same with plain cross-entropy (`experiment=cifar100_ce`).
+  a@MODE          with `--capture step_only,with_augment,whole_step`: "ours" again under each further
+                  trainer.capture mode (opl/engine/capture.py), after a, b and c in this process, so
+                  the modes are compared side by side ("ours" runs the first mode listed). A further
+                  mode that fails is reported with its error instead of ending the benchmark.
   c  "reference"  a loop like the authors' CIFAR code: fp32, eager, contiguous memory format,
                   torchvision PIL transforms in a `DataLoader` (4 workers, shuffle, pinned memory
                   on CUDA), `x.to(device)`, forward, CE + the repository's OPL module, zero_grad,
@@ -43,6 +47,8 @@ How to read the result
   opl_overhead                  1 - a / b: the relative slowdown that adding OPL to CE costs in
                                 the repository's step (0.05 = 5 % fewer images/s; about 0 or
                                 negative = within noise)
+  capture_comparison            with several --capture modes: images/s of each, the fastest, and
+                                each mode's throughput relative to the first one
   estimate_200_epochs           200 epochs x 45,000 images at the throughput of a, plus its
                                 warm-up once. An ESTIMATE of training time only: per-epoch
                                 evaluation (test + validation, feature geometry), checkpointing
@@ -88,6 +94,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from opl.data.augment import pil_transforms  # noqa: E402
 from opl.data.base import AugmentSpec, DataSpec, ImageTensors  # noqa: E402
+from opl.engine.capture import CAPTURE_MODES  # noqa: E402
 from opl.engine.schedule import build_scheduler  # noqa: E402
 from opl.engine.trainer import Trainer, TrainerConfig  # noqa: E402
 from opl.errors import ConfigError, OPLError  # noqa: E402
@@ -124,6 +131,18 @@ def _configs_arg(value: str) -> list[str]:
     return sorted(chosen)
 
 
+def _capture_arg(value: str) -> list[str]:
+    modes = []
+    for item in (s.strip() for s in value.split(",")):
+        if item not in CAPTURE_MODES:
+            raise argparse.ArgumentTypeError(f"unknown capture mode {item!r}; choose from {', '.join(CAPTURE_MODES)}")
+        if item not in modes:
+            modes.append(item)
+    if not modes:
+        raise argparse.ArgumentTypeError("at least one capture mode is needed")
+    return modes
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchmark.py", description="Steady-state training throughput: ours (a), ours with CE only (b), "
@@ -149,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override trainer.compile for a/b (default auto: on for CUDA, off for CPU)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="trainer.amp for a/b (default auto: bf16 on CUDA, none on CPU)")
+    p.add_argument("--capture", type=_capture_arg, default=["step_only"],
+                   help="comma-separated trainer.capture modes: a runs under each (the first is 'ours', the others "
+                        "'ours@MODE'), b under the first; default step_only")
     p.add_argument("--loader", choices=("auto", "device", "dataloader"), default="auto",
                    help="trainer.loader for a/b (default auto: GPU-resident data on CUDA, DataLoader on CPU)")
     p.add_argument("--cifar-root", default=None,
@@ -248,8 +270,9 @@ def _release(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------ configurations
-def run_ours(key: str, args, data: DataSpec, run_dir: Path) -> dict:
-    """a / b: the repository's Trainer, timed through its public `train_steps`."""
+def run_ours(key: str, name: str, capture: str, args, data: DataSpec, run_dir: Path) -> dict:
+    """a / b: the repository's Trainer under trainer.capture=`capture`, timed through its public
+    `train_steps`."""
     cfg = recipe_config(EXPERIMENTS[key], args.model)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -257,11 +280,11 @@ def run_ours(key: str, args, data: DataSpec, run_dir: Path) -> dict:
         TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True)),
         batch_size=args.batch_size, device=args.device, amp=args.amp, loader=args.loader,
         compile="auto" if args.compile is None else args.compile, channels_last=True,
-        num_workers=args.workers, progress="line")
+        num_workers=args.workers, progress="line", capture=capture)
     model, criterion = instantiate_checked(cfg.model), instantiate_checked(cfg.loss)
     step = instantiate_with(cfg.method, model=model, criterion=criterion, data=data)
     trainer = Trainer(trainer_cfg, step, data, instantiate_checked(cfg.optim),
-                      OmegaConf.to_container(cfg.sched, resolve=True), run_dir / CONFIGS[key], seed=args.seed)
+                      OmegaConf.to_container(cfg.sched, resolve=True), run_dir / name, seed=args.seed)
     device = trainer.device
     _sync(device)
     setup_s = time.perf_counter() - t0
@@ -288,6 +311,8 @@ def run_ours(key: str, args, data: DataSpec, run_dir: Path) -> dict:
         "amp": trainer.amp,
         "compiled": hasattr(step, "_orig_mod"),
         "cudagraphs": trainer.cudagraphs,
+        "capture": capture,
+        "whole_step_graphs": trainer.whole_step.captured if trainer.whole_step is not None else None,
         "channels_last": trainer_cfg.channels_last,
         "loader": type(trainer.train_loader).__name__,
         "num_workers": trainer_cfg.num_workers if type(trainer.train_loader).__name__ == "DeviceDataLoader" else None,
@@ -298,7 +323,7 @@ def run_ours(key: str, args, data: DataSpec, run_dir: Path) -> dict:
         "trainer_config": asdict(trainer_cfg),
     }
     result = {
-        "id": key, "name": CONFIGS[key],
+        "id": key, "name": name,
         "images_per_s": images / seconds,
         "steps": args.steps, "images": images, "seconds": seconds,
         "warmup_steps": args.warmup_steps, "warmup_s": warmup_s, "setup_s": setup_s,
@@ -391,6 +416,26 @@ def _ratio(num, den):
     return num / den if num is not None and den else None
 
 
+def planned_runs(args) -> list[tuple[str, str, str | None]]:
+    """(configuration id, result name, capture mode) in the order they run: a, b, c, then "ours"
+    under the further capture modes (last, so that a failing mode cannot disturb a, b or c)."""
+    runs = [(key, CONFIGS[key], args.capture[0] if key in "ab" else None) for key in args.configs]
+    if "a" in args.configs:
+        runs += [("a", f"{CONFIGS['a']}@{mode}", mode) for mode in args.capture[1:]]
+    return runs
+
+
+def capture_comparison(configs: dict, args) -> dict | None:
+    """images/s of "ours" under each capture mode, the fastest, and each relative to the first."""
+    names = {mode: CONFIGS["a"] if i == 0 else f"{CONFIGS['a']}@{mode}" for i, mode in enumerate(args.capture)}
+    ips = {mode: configs[name]["images_per_s"] for mode, name in names.items() if "images_per_s" in configs.get(name, {})}
+    if len(ips) < 2:
+        return None
+    first = ips[args.capture[0]]
+    return {"images_per_s": ips, "fastest": max(ips, key=ips.get),
+            "relative_to_first": {mode: value / first for mode, value in ips.items()}}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = datetime.now(timezone.utc)
@@ -404,18 +449,27 @@ def main(argv=None) -> dict:
                 raise OPLError(f"the training split has {len(data.train)} images, fewer than one batch")
             configs = {}
             with tempfile.TemporaryDirectory(prefix="opl-benchmark-") as run_dir:
-                for key in args.configs:
-                    print(f"[benchmark] {key} ({CONFIGS[key]}) ...", flush=True)
-                    configs[CONFIGS[key]] = (run_reference(args, data, device) if key == "c"
-                                             else run_ours(key, args, data, Path(run_dir)))
+                for key, name, capture in planned_runs(args):
+                    print(f"[benchmark] {key} ({name}) ...", flush=True)
+                    try:
+                        configs[name] = (run_reference(args, data, device) if key == "c"
+                                         else run_ours(key, name, capture, args, data, Path(run_dir)))
+                    except Exception as exc:
+                        if "@" not in name:  # a, b and c are what the benchmark is for
+                            raise
+                        # A further capture mode under trial: its failure is a result, not the end.
+                        configs[name] = {"id": key, "name": name, "error": f"{type(exc).__name__}: {exc}"}
+                        print(f"[benchmark] {key} ({name}) failed: {configs[name]['error']}", flush=True)
+                        _release(device)
+                        continue
                     _release(device)  # the configuration's model, optimizer and loader are unreachable now
-                    c = configs[CONFIGS[key]]
-                    print(f"[benchmark] {key} ({CONFIGS[key]}): {c['images_per_s']:.1f} images/s over "
+                    c = configs[name]
+                    print(f"[benchmark] {key} ({name}): {c['images_per_s']:.1f} images/s over "
                           f"{c['steps']} steps, warm-up {c['warmup_s']:.2f} s", flush=True)
         except OPLError as exc:
             build_parser().exit(2, f"benchmark.py: error: {exc}\n")
 
-    ips = {name: c["images_per_s"] for name, c in configs.items()}
+    ips = {name: c["images_per_s"] for name, c in configs.items() if "images_per_s" in c}
     a, b, c = ips.get("ours"), ips.get("ours_ce"), ips.get("reference")
     epochs = 200
     epoch_images = AUTHORS_TRAIN_IMAGES
@@ -453,6 +507,7 @@ def main(argv=None) -> dict:
         "configs": configs,
         "speedup_vs_reference": _ratio(a, c),
         "opl_overhead": (1.0 - a / b) if a is not None and b else None,
+        "capture_comparison": capture_comparison(configs, args),
         "estimate_200_epochs": estimate,
     }
     for value in (result["speedup_vs_reference"], result["opl_overhead"]):

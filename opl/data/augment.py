@@ -6,6 +6,10 @@ no host synchronisation. `pil_transforms` builds the torchvision pipeline of the
 for the authors'-style reference loop. Both follow torchvision's semantics: zero-padded random crop, flip with
 p=0.5, ColorJitter with factors uniform in [max(0, 1-x), 1+x] applied in a random order, then
 normalisation. (The PIL pipeline rounds to uint8 after each jitter step; the batch form does not.)
+
+`BatchAugment` is split into `sample_params` (eager: random draws) and `apply` (a pure function of
+images and parameters), so `DeferredAugment` can draw in the loader while `apply` runs inside a
+compiled training step.
 """
 
 import torch
@@ -19,8 +23,10 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
-    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    # Python-scalar weights (torchvision's own formula): no host-to-device copy of a constant, so
+    # the function can run inside a CUDA-graph capture.
+    r, g, b = GRAY_WEIGHTS
+    return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -106,6 +112,44 @@ class BatchAugment(nn.Module):
         if not train:
             return self.normalize(images.float().div_(255.0))
         return self.normalize(self.apply(images, self.sample_params(images, generator)))
+
+
+class DeferredAugment(nn.Module):
+    """Stands in for a training loader's `BatchAugment` when the augmentation runs later, inside the
+    compiled training step (trainer.capture=with_augment / whole_step).
+
+    Called where the loader augments, it draws the batch's parameters from the loader's generator
+    (the same draws, in the same order, as the eager path), keeps them for `take()` and hands the
+    uint8 images through unchanged; the step then runs `apply` and `normalize` on them. Exactly one
+    `take()` must follow each training batch.
+    """
+
+    def __init__(self, augment: BatchAugment):
+        super().__init__()
+        if augment.spec.mirror_batch:
+            raise ValueError("a mirrored batch is built after augmentation in the loader, so its augmentation "
+                             "cannot be deferred to the training step")
+        self.augment = augment
+        self._pending: dict | None = None
+
+    @property
+    def spec(self) -> AugmentSpec:
+        return self.augment.spec
+
+    def forward(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        if not train:
+            return self.augment(images, train, generator)
+        if self._pending is not None:
+            raise RuntimeError("the augmentation parameters of the previous training batch were never taken")
+        self._pending = self.augment.sample_params(images, generator)
+        return images
+
+    def take(self) -> dict:
+        """The parameters drawn for the batch the loader yielded last."""
+        if self._pending is None:
+            raise RuntimeError("no training batch has been drawn since the last take()")
+        params, self._pending = self._pending, None
+        return params
 
 
 def pil_transforms(spec: AugmentSpec, mean, std, train: bool, image_size: int):

@@ -37,11 +37,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, iters_per_epoch: int, epoc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(iters_per_epoch=iters_per_epoch, epochs=epochs, **spec))
 
 
+def scheduled_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR, iteration: int) -> list[float]:
+    """The learning rate of each parameter group at `iteration` (what LambdaLR sets after that many steps)."""
+    return [base * factor(iteration) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+
+
 def set_iteration(scheduler: torch.optim.lr_scheduler.LambdaLR, iteration: int) -> None:
     """Put a restored scheduler at `iteration` (e.g. the first of an epoch after a resume with
-    another number of iterations per epoch), setting the optimizer's learning rates to match."""
+    another number of iterations per epoch), setting the optimizer's learning rates to match. A
+    learning rate held as a tensor is filled in place, as PyTorch's schedulers do (a captured
+    training step reads it by address)."""
     scheduler.last_epoch = iteration
-    lrs = [base * factor(iteration) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    lrs = scheduled_lrs(scheduler, iteration)
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
     scheduler._last_lr = lrs

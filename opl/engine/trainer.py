@@ -5,8 +5,9 @@ epochs; the method is a training step object (`opl.methods`: standard, adversari
 evaluation is a set of evaluator objects (`opl.engine.evaluate`), both built outside and handed in.
 A step: batch (already augmented on the device) -> step(x, y, index) -> parts -> backward ->
 fused optimizer step -> per-iteration LR schedule. The step module (model + loss) is what
-`torch.compile` captures whole (CUDA graphs on CUDA). Running sums stay on the device; the host
-synchronises once per `log_every` steps and at the end of each epoch.
+`torch.compile` captures whole (CUDA graphs on CUDA); `trainer.capture` widens that region to the
+augmentation and to the whole update (opl/engine/capture.py). Running sums stay on the device; the
+host synchronises once per `log_every` steps and at the end of each epoch.
 """
 
 import contextlib
@@ -19,8 +20,10 @@ from typing import Callable, Iterator
 
 import torch
 
+from opl.data.augment import DeferredAugment
 from opl.data.base import DataSpec
 from opl.data.loaders import build_loader
+from opl.engine.capture import CAPTURE_MODES, AugmentedStep, WholeStep
 from opl.engine.checkpoint import atomic_save, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state
 from opl.engine.distributed import world
 from opl.engine.evaluate import ClassificationEvaluator, predict
@@ -32,6 +35,7 @@ from opl.runinfo import resolve_device
 from opl.seed import set_deterministic
 
 CHECKPOINT_FORMAT = 2
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
 
 
 @dataclass
@@ -44,6 +48,10 @@ class TrainerConfig:
     channels_last: bool = True
     compile: bool | str = "auto"  # auto: on for CUDA, off for CPU
     compile_mode: str = "auto"  # auto: "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere
+    # How much of a step is one captured region (opl/engine/capture.py): step_only (model + loss, the
+    # reference), with_augment (+ applying the augmentation), whole_step (+ backward, optimizer and LR
+    # update: one CUDA-graph replay per step on CUDA).
+    capture: str = "step_only"
     loader: str = "auto"  # auto (device-resident on CUDA for in-memory data) | device | dataloader
     num_workers: int = 4
     # Keep the last, smaller batch of each epoch (as PyTorch's DataLoader does by default); a last
@@ -67,6 +75,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.amp must be auto, bf16, fp16 or none, got {self.amp!r}")
         if self.compile not in (True, False, "auto"):
             raise ConfigError(f"trainer.compile must be true, false or auto, got {self.compile!r}")
+        if self.capture not in CAPTURE_MODES:
+            raise ConfigError(f"trainer.capture must be one of {', '.join(CAPTURE_MODES)}, got {self.capture!r}")
         if self.num_workers < 0:
             raise ConfigError(f"trainer.num_workers must be >= 0, got {self.num_workers}")
 
@@ -113,8 +123,13 @@ class Trainer:
         if amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("trainer.amp=fp16 needs CUDA; use bf16 or none on CPU")
         self.amp = amp
+        self._check_capture(cfg, step, data)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        # A CUDA graph of the whole step must not hold autocast's cache of cast weights (PyTorch's
+        # CUDA-graph notes); compiled regions trace the casts and never use it.
+        cache = cfg.capture != "whole_step"
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype, cache_enabled=cache)) if dtype \
+            else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -135,29 +150,63 @@ class Trainer:
         self._eval_loaders = {}
         self._stream: Iterator | None = None
         self._stream_epoch = 0
+        # Beyond step_only the loader only draws each batch's augmentation parameters, and the step
+        # region applies them (`_train_step` passes them on).
+        self.deferred: DeferredAugment | None = None
+        forward = step
+        if cfg.capture != "step_only":
+            self.deferred = DeferredAugment(self.train_loader.augment)
+            self.train_loader.augment = self.deferred
+            forward = AugmentedStep(step, self.deferred.augment, memory_format)
 
         self.optimizer = optimizer_factory(self.model.parameters(), **({"fused": True} if self.device.type == "cuda" else {}))
         self.scheduler = build_scheduler(self.optimizer, len(self.train_loader), cfg.epochs, **schedule)
 
         # One process per device: DDP averages the gradients; the step (model + loss) is what it wraps.
-        self.step = step if self.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+        self.step = forward if self.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
             step, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.cudagraphs = False
+        self.cudagraphs = False  # CUDA graphs of torch.compile (its cudagraph trees) around the step
         if cfg.compile is True and step.compile_refusal:
             raise ConfigError(f"trainer.compile=true is not supported by {type(step).__name__}: {step.compile_refusal}")
         if cfg.compile is True or (cfg.compile == "auto" and self.device.type == "cuda" and not step.compile_refusal):
             # CUDA graphs for the launch-bound single-device step; data-parallel steps (large models,
-            # gradient all-reduce in the backward) are compiled without them.
+            # gradient all-reduce in the backward) are compiled without them, and whole_step records
+            # its own graph around the compiled code.
             mode = cfg.compile_mode if cfg.compile_mode != "auto" else (
-                "reduce-overhead" if self.device.type == "cuda" and self.world_size == 1 else "default")
-            self.cudagraphs = mode == "reduce-overhead" and self.device.type == "cuda"
+                "reduce-overhead" if self.device.type == "cuda" and self.world_size == 1
+                and cfg.capture != "whole_step" else "default")
+            if cfg.capture == "whole_step" and mode in CUDAGRAPH_MODES:
+                raise ConfigError(f"trainer.capture=whole_step records one CUDA graph of the whole step itself; "
+                                  f"trainer.compile_mode={mode} would nest torch.compile's CUDA graphs inside it "
+                                  "(use auto, default or max-autotune-no-cudagraphs)")
+            self.cudagraphs = mode in CUDAGRAPH_MODES and self.device.type == "cuda"
             # Static shapes: a smaller last batch is one more specialised graph, not a dynamic-shape
             # recompilation of the main one.
             self.step = torch.compile(self.step, mode=mode, dynamic=False)
+        self.whole_step = None
+        if cfg.capture == "whole_step":
+            self.whole_step = WholeStep(self.step, self.optimizer, self.scheduler, self.device,
+                                        iterations=cfg.epochs * len(self.train_loader))
 
         self.state = TrainState()
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
         self.progress = Progress(cfg.progress if self.is_main else "silent")
+
+    def _check_capture(self, cfg: TrainerConfig, step: TrainingStep, data: DataSpec) -> None:
+        """Refuse trainer.capture settings that cannot hold, naming why."""
+        if cfg.capture == "step_only":
+            return
+        prefix = f"trainer.capture={cfg.capture}"
+        if self.world_size > 1:
+            raise ConfigError(f"{prefix} runs in one process; data-parallel training uses trainer.capture=step_only")
+        if data.augment.mirror_batch:
+            raise ConfigError(f"{prefix} cannot apply the augmentation inside the step when the loader appends "
+                              "mirrored copies after it (dataset augment.mirror_batch); use trainer.capture=step_only")
+        if cfg.capture == "whole_step" and self.amp == "fp16":
+            raise ConfigError(f"{prefix} cannot use trainer.amp=fp16: GradScaler checks for overflow on the host "
+                              "at every step; use amp=bf16 or none")
+        if cfg.capture == "whole_step" and step.compile_refusal:
+            raise ConfigError(f"{prefix} needs a step that can be captured; {type(step).__name__}: {step.compile_refusal}")
 
     def eval_loader(self, split: str):
         """The un-augmented loader of a data split ("train", "val" or "test"), built once."""
@@ -213,6 +262,8 @@ class Trainer:
             raise CheckpointError(f"{path}: training state does not fit this run ({type(exc).__name__}: {exc})") from exc
         # Iterations per epoch depend on the world size: continue from this epoch's first iteration.
         set_iteration(self.scheduler, self.state.epoch * len(self.train_loader))
+        if self.whole_step is not None:  # new optimizer state tensors: record anew
+            self.whole_step.reset()
         if self.is_main:
             self.metrics.truncate_after(self.state.epoch)
 
@@ -226,6 +277,21 @@ class Trainer:
             raise NonFiniteLossError(step, f"the training loss became NaN/inf at step {step} (epoch {self.state.epoch + 1}); "
                                      f"stopped without saving, the last good checkpoint is {self.last_checkpoint}")
 
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict:
+        """One optimisation step on a loader batch; returns the step's parts (on the device)."""
+        inputs = (x, y, index) if self.deferred is None else (x, y, index, self.deferred.take())
+        if self.whole_step is not None:
+            return self.whole_step(*inputs)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        parts = self.step(*inputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return parts
+
     def _run_steps(self, batches: Iterator, steps: int) -> dict:
         """`steps` optimisation steps over `batches`; the mean of every loss part, timing and LR."""
         self.model.train()
@@ -234,16 +300,8 @@ class Trainer:
         step_no = torch.full((), self.state.global_step, dtype=torch.int64, device=self.device)
         start = time.perf_counter()
         for x, y, index in itertools.islice(batches, steps):
-            if self.cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            parts = self.step(x, y, index)
+            parts = self._train_step(x, y, index)
             loss = parts["loss"]
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-
             keys = keys or list(parts)
             batch = torch.stack([parts[k].detach().float() for k in keys]) * y.shape[0]
             sums = batch if sums is None else sums + batch
@@ -257,6 +315,8 @@ class Trainer:
                 self.progress.update(since_sync, float(sums[0]) / seen)
                 since_sync = 0
         self._check_finite(bad_step)
+        if self.whole_step is not None:
+            self.whole_step.sync()
         if self.world_size > 1:  # means over every process's samples
             totals = torch.cat([sums, torch.tensor([float(seen)], device=sums.device)])
             torch.distributed.all_reduce(totals)
@@ -266,7 +326,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         means = (sums / seen).tolist()
         record = {f"train_{k}": v for k, v in zip(keys, means)}
-        record.update(epoch_time_s=seconds, images_per_s=seen / seconds, lr=self.optimizer.param_groups[0]["lr"])
+        record.update(epoch_time_s=seconds, images_per_s=seen / seconds, lr=float(self.optimizer.param_groups[0]["lr"]))
         return record
 
     def _train_epoch(self, epoch: int) -> dict:
@@ -327,6 +387,8 @@ class Trainer:
             extra = {}
             for hook in hooks:
                 extra.update(hook(epoch, self))
+            if hooks and self.whole_step is not None:  # a hook may have replaced a tensor the graph reads
+                self.whole_step.drop_graphs()
             record = {"epoch": epoch, **self._train_epoch(epoch), **extra}
             if first_epoch_of_process:
                 self.state.warmup_epoch_s.append(record["epoch_time_s"])
