@@ -164,7 +164,7 @@ class Trainer:
 
         # One process per device: DDP averages the gradients; the step (model + loss) is what it wraps.
         self.step = forward if self.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-            step, device_ids=[self.device] if self.device.type == "cuda" else None)
+            forward, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.cudagraphs = False  # CUDA graphs of torch.compile (its cudagraph trees) around the step
         if cfg.compile is True and step.compile_refusal:
             raise ConfigError(f"trainer.compile=true is not supported by {type(step).__name__}: {step.compile_refusal}")
