@@ -33,9 +33,9 @@ def test_label_noise_and_adversarial_recipes():
     assert (tl.loss.q, tl.loss.k, tl.loss.start_epoch, tl.loss.refresh_every) == (0.7, 0.5, 80, 10)
     assert (tl.loss.weight, tl.loss.gamma) == (0.1, 2.0)
     assert (tl.optim.lr, tl.optim.momentum, tl.optim.weight_decay) == (0.01, 0.9, 1e-4)
-    assert list(tl.sched.milestones) == [80, 120] and tl.trainer.epochs == 150
+    assert list(tl.sched.milestones) == [81, 121] and tl.trainer.epochs == 150  # their [80, 120], stepped after each epoch
     c10 = compose_experiment("cifar10_noise_sym_tl")
-    assert c10.loss.start_epoch == 40 and list(c10.sched.milestones) == [40, 80] and c10.trainer.epochs == 120
+    assert c10.loss.start_epoch == 40 and list(c10.sched.milestones) == [41, 81] and c10.trainer.epochs == 120
     assert c10.label_noise.kind == "symmetric" and "weight" not in c10.loss
     mart = compose_experiment("cifar10_mart_opl")
     assert (mart.method.kind, mart.method.eps, mart.method.step_size) == ("mart", 8, 2)
