@@ -47,6 +47,31 @@ def test_label_noise_and_adversarial_recipes():
     assert compose_experiment("cifar100_opl").method._target_ == "opl.methods.StandardStep"
 
 
+def test_mart_reference_presets_are_the_scripts():
+    """YisenWang/MART train_resnet.py and train_wideresnet.py, in our units (1/255) where they differ."""
+    r18 = compose_experiment("cifar10_mart_r18_ref")
+    assert r18.model._target_ == "opl.models.resnet18_cifar" and r18.model.init == "pytorch"
+    assert list(r18.dataset.mean) == [0.0, 0.0, 0.0] and list(r18.dataset.std) == [1.0, 1.0, 1.0]
+    assert (r18.optim.lr, r18.optim.momentum, r18.optim.weight_decay) == (0.01, 0.9, 3.5e-3)
+    assert (r18.trainer.epochs, r18.trainer.batch_size, r18.trainer.drop_last) == (120, 128, False)
+    attack = r18.method
+    assert (attack.kind, attack.beta, attack.steps, attack.start, attack.start_std) == ("mart", 5.0, 10, "normal", 0.001)
+    assert attack.eps / 255 == pytest.approx(0.031, abs=1e-15) and attack.step_size / 255 == pytest.approx(0.007, abs=1e-15)
+    robust = r18.evaluators.robust
+    assert (robust.steps, robust.start) == (20, "uniform_unclamped")
+    assert robust.eps / 255 == pytest.approx(0.031, abs=1e-15) and robust.step_size / 255 == pytest.approx(0.003, abs=1e-15)
+    pgd = compose_experiment("cifar10_pgd_at_r18_ref_opl")
+    assert (pgd.method.kind, pgd.method.start, pgd.optim.weight_decay) == ("pgd_at", "normal", 3.5e-3)
+    assert pgd.loss._target_ == "opl.losses.ce_plus_opl"
+    assert compose_experiment("cifar10_mart_r18_ref_opl").method.kind == "mart"
+    wrn = compose_experiment("cifar10_mart_wrn_ref")
+    assert wrn.model._target_ == "opl.models.wrn34_10" and (wrn.method.kind, wrn.method.beta) == ("mart", 6.0)
+    assert (wrn.optim.lr, wrn.optim.weight_decay, wrn.trainer.epochs) == (0.1, 7e-4, 90)
+    assert wrn.evaluators.robust.step_size / 255 == pytest.approx(0.031 / 10, abs=1e-15)
+    ours = compose_experiment("cifar10_mart")
+    assert (ours.method.start, ours.method.eps, ours.method.beta, ours.evaluators.robust.start) == ("uniform", 8, 6.0, "uniform")
+
+
 def test_cifar100_opl_is_the_authors_recipe():
     cfg = compose_experiment("cifar100_opl")
     assert cfg.name == "cifar100_opl" and cfg.model._target_ == "opl.models.resnet56"
@@ -91,6 +116,8 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
     adversarial = "robust" in cfg.evaluators
     if adversarial:  # the recipe's PGD-10 / PGD-20 on CPU would dominate the suite
         cfg.method.steps = cfg.evaluators.robust.steps = 1
+    if cfg.model._target_ == "opl.models.wrn34_10":  # 20 s per CPU step: a WRN-10-1 of the same code instead
+        cfg.model = {"_target_": "opl.models.wide_resnet", "depth": 10, "widen_factor": 1, "num_classes": cfg.model.num_classes}
     if "root" in cfg.dataset:
         cfg.dataset.root = str(roots[cfg.dataset._target_](cfg.dataset))
         if "download" in cfg.dataset:

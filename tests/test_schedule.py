@@ -92,6 +92,8 @@ AUTHORS_CIFAR = lambda: authors_cifar(AUTHORS_CIFAR_ITERS)  # noqa: E731
 NOISE_C10 = lambda: label_noise_fork([40, 80], 120, FULL_TRAIN_ITERS)  # noqa: E731
 NOISE_C100 = lambda: label_noise_fork([80, 120], 150, FULL_TRAIN_ITERS)  # noqa: E731
 ADVERSARIAL_OURS = lambda: adjust_learning_rate(0.1, 100, FULL_TRAIN_ITERS)  # noqa: E731 (their rule, our 100 epochs)
+MART_R18 = lambda: adjust_learning_rate(0.01, 120, FULL_TRAIN_ITERS)  # noqa: E731 (MART train_resnet.py)
+MART_WRN = lambda: adjust_learning_rate(0.1, 90, FULL_TRAIN_ITERS)  # noqa: E731 (MART train_wideresnet.py)
 
 REFERENCE = {
     "cifar100_ce": AUTHORS_CIFAR, "cifar100_opl": AUTHORS_CIFAR, "cifar100_r110_ce": AUTHORS_CIFAR,
@@ -99,6 +101,8 @@ REFERENCE = {
     **{f"cifar10_noise_{n}_{m}": NOISE_C10 for n in ("sym", "pair") for m in ("tl", "tl_opl")},
     **{f"cifar100_noise_{n}_{m}": NOISE_C100 for n in ("sym", "pair") for m in ("tl", "tl_opl")},
     **{f"{d}_{m}": ADVERSARIAL_OURS for d in ("cifar10", "cifar100") for m in ("pgd_at", "pgd_at_opl", "mart", "mart_opl")},
+    **{f"cifar10_{m}_r18_ref{o}": MART_R18 for m in ("pgd_at", "mart") for o in ("", "_opl")},
+    "cifar10_mart_wrn_ref": MART_WRN,
 }
 # Our own schedules (no reference to match): the CPU-sized checks and the digits demo use a cosine.
 OURS = {name for name in EXPERIMENTS if name.startswith(("digits_", "cifar10_jpg_cpu_"))}
