@@ -771,7 +771,7 @@ def test_stored_expected_numbers_are_right():
     opl_best = values("cifar100_opl", "best_val_selected_test")
     assert ce_best == [70.5, 71.5] and opl_best == [75.0, 75.0, 75.0]
     assert "| 71.00 ± 0.71 (n=2) | -1.40 [-7.75, +4.95] | no |" in cifar
-    assert "| 75.00 ± 0.00 (n=3) | +1.48 [+1.48, +1.48] | yes |" in cifar
+    assert "| 75.00 ± 0.00 (n=3) | +1.48 (no CI: no spread) | undetermined (identical runs) |" in cifar
     welch = sps.ttest_ind(opl, ce, equal_var=False).confidence_interval(0.95)
     assert f"| +1.12 | +4.50 [{welch.low:+.2f}, {welch.high:+.2f}] | 3 vs 3 | yes |" in cifar
     welch_best = sps.ttest_ind(opl_best, ce_best, equal_var=False).confidence_interval(0.95)
@@ -796,7 +796,7 @@ def test_stored_expected_numbers_are_right():
     diff = statistics.mean(same_opl) - statistics.mean(same_ce)
     assert f"| {diff:+.3f} [{w.low:+.3f}, {w.high:+.3f}] | 2 vs 2 | yes |" in digits
     assert values("digits_ce", variant=VARIANT) == values("digits_opl", variant=VARIANT) == [95.0, 95.0]
-    assert "| OPL − CE | test top-1 | final epoch | — | +0.000 [+0.000, +0.000] | 2 vs 2 | no |" in digits
+    assert "| OPL − CE | test top-1 | final epoch | — | +0.000 (no CI: no spread) | 2 vs 2 | undetermined (identical runs) |" in digits
     assert "| MLP \\| CE + OPL | test top-1 |" in digits  # a pipe inside a cell is escaped
 
 
