@@ -1,6 +1,7 @@
 """Every experiment composes, pins the paper's recipe, and instantiates and trains on tiny data."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,19 @@ def test_every_table_and_figure_selector_names_an_existing_experiment():
     for figure in load_figure_specs(results / "figures.yaml"):
         named |= {selector.experiment for _, selector in figure["series"]}
     assert named and named <= set(EXPERIMENTS), sorted(named - set(EXPERIMENTS))
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation other than '-' dropped, spaces to '-'."""
+    return re.sub(r"[^a-z0-9 -]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_experiment_links_existing_deviation_sections():
+    docs = CONFIGS.parent / "docs" / "deviations.md"
+    sections = {github_anchor(line[3:]) for line in docs.read_text().splitlines() if line.startswith("## ")}
+    for name in EXPERIMENTS:
+        text = (CONFIGS / "experiment" / f"{name}.yaml").read_text()
+        comment = re.search(r"# Deviations \(docs/deviations\.md\):(.*?)\n(?!#   )", text, re.S)
+        assert comment, f"{name}.yaml has no '# Deviations (docs/deviations.md): #...' line"
+        anchors = re.findall(r"#([a-z0-9-]+)", comment.group(1))
+        assert anchors and set(anchors) <= sections, (name, sorted(set(anchors) - sections))
