@@ -45,6 +45,7 @@ class TrainerConfig:
     compile_mode: str = "auto"  # auto: "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere
     loader: str = "auto"  # auto (device-resident on CUDA for in-memory data) | device | dataloader
     num_workers: int = 4
+    cpu_threads: int | None = None  # torch.set_num_threads; None keeps PyTorch's default (one per core)
     # Keep the last, smaller batch of each epoch (as PyTorch's DataLoader does by default); a last
     # batch of one sample is still dropped when the loss compares pairs (OPL).
     drop_last: bool = False
@@ -67,6 +68,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.compile must be true, false or auto, got {self.compile!r}")
         if self.num_workers < 0:
             raise ConfigError(f"trainer.num_workers must be >= 0, got {self.num_workers}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"trainer.cpu_threads must be >= 1 or null, got {self.cpu_threads}")
 
 
 @dataclass
@@ -100,6 +103,8 @@ class Trainer:
         if step.needs_pairs and cfg.batch_size < 2:
             raise ConfigError("OPL compares pairs of samples in a batch: trainer.batch_size must be >= 2")
         set_deterministic(cfg.deterministic)
+        if cfg.cpu_threads is not None:
+            torch.set_num_threads(cfg.cpu_threads)
 
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
         if amp == "fp16" and self.device.type != "cuda":
