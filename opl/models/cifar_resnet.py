@@ -4,8 +4,8 @@ label-noise and adversarial code (paper.md section 3).
 3x3 stem + BN + ReLU (16 channels; 64 for ResNet-18, no max-pool); stages of n basic blocks
 (widths 16/32/64, or 64/128/256/512 for ResNet-18), stride 2 at the first block of every stage
 after the first; a 1x1 conv + BN shortcut whenever the shape changes ("option B"); ReLU after the
-residual add; global average pool -> feature -> linear. Depth = 6n + 2. Returns `(features, logits)`
-with `logits = fc(features)`.
+residual add; global average pool -> feature -> linear. Depth = 6n + 2 with three stages (8n + 2
+with four). Returns `(features, logits)` with `logits = fc(features)`.
 
 The layout is that of the references: kahnchana/opl classification/cifar/models/resnet_cifar.py
 (pytorchcv's CIFARResNet: ResUnit = two conv3x3_blocks + conv1x1_block identity, ReLU after the add,
