@@ -75,7 +75,7 @@ def test_pgd_projects_onto_box_corner_for_binary_linear_model():
 
     images = torch.rand(5, 1, 3, 4)
     labels = torch.tensor([0, 1, 0, 1, 1])
-    adv = pgd_linf(forward, images, labels, eps=0.1, step_size=0.07, steps=5, random_start=True,
+    adv = pgd_linf(forward, images, labels, eps=0.1, step_size=0.07, steps=5, start="uniform",
                    generator=torch.Generator().manual_seed(3))
     w = linear.weight.detach()
     direction = torch.sign(w[1 - labels] - w[labels]).view_as(images)
@@ -86,13 +86,13 @@ def test_pgd_projects_onto_box_corner_for_binary_linear_model():
 def test_pgd_one_step_without_random_start_equals_fgsm(conv_setup):
     model, images, labels = conv_setup
     forward = logits_of(model)
-    one_step = pgd_linf(forward, images, labels, EPS, step_size=EPS, steps=1, random_start=False)
+    one_step = pgd_linf(forward, images, labels, EPS, step_size=EPS, steps=1, start="none")
     assert torch.equal(one_step, fgsm(forward, images, labels, EPS))
 
 
 def test_zero_steps_without_random_start_is_identity(conv_setup):
     model, images, labels = conv_setup
-    adv = pgd_linf(logits_of(model), images, labels, EPS, STEP, steps=0, random_start=False)
+    adv = pgd_linf(logits_of(model), images, labels, EPS, STEP, steps=0, start="none")
     assert torch.equal(adv, images)
     # eps = 0 pins the result to the clean images even with a random start and steps.
     pinned = pgd_linf(logits_of(model), images, labels, 0.0, STEP, steps=3)
@@ -117,6 +117,65 @@ def test_seeded_generator_makes_random_start_reproducible(conv_setup):
     assert (offsets < -EPS / 2).any() and (offsets > EPS / 2).any()
     assert abs(offsets.mean().item()) < 0.15 * EPS
     assert torch.equal(attack(7, steps=4), attack(7, steps=4))
+
+
+def mart_training_attack(model, x_natural, y, noise, step_size, epsilon, perturb_steps):
+    """YisenWang/MART mart.py `mart_loss`, the attack part, with its N(0, 1) draw passed in."""
+    x_adv = x_natural.detach() + 0.001 * noise
+    for _ in range(perturb_steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss_ce = F.cross_entropy(model(x_adv)[1], y)
+        grad = torch.autograd.grad(loss_ce, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    return x_adv
+
+
+def trades_mart_pgd_whitebox(model, X, y, uniform01, epsilon, num_steps, step_size):
+    """`_pgd_whitebox` of TRADES pgd_attack_cifar10.py / MART train_resnet.py, with its
+    uniform_(-eps, eps) draw passed in as U[0, 1) samples."""
+    X_pgd = X + (-epsilon + 2 * epsilon * uniform01)
+    for _ in range(num_steps):
+        X_pgd = X_pgd.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = nn.CrossEntropyLoss()(model(X_pgd)[1], y)
+        loss.backward()
+        X_pgd = X_pgd.detach() + step_size * X_pgd.grad.sign()
+        eta = torch.clamp(X_pgd - X, -epsilon, epsilon)
+        X_pgd = torch.clamp(X + eta, 0, 1.0)
+    return X_pgd.detach()
+
+
+def test_normal_start_is_the_mart_trades_training_attack(conv_setup):
+    model, images, labels = conv_setup
+    images[:, :, :2] = 0.0  # pixels on the range edge: the start is not clipped, the steps are
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(4))
+    reference = mart_training_attack(model, images, labels, noise, 0.007, 0.031, 10)
+    ours = pgd_linf(logits_of(model), images, labels, 0.031, 0.007, 10, start="normal",
+                    generator=torch.Generator().manual_seed(4), start_std=0.001)
+    assert torch.equal(ours, reference)
+    start = pgd_linf(logits_of(model), images, labels, 0.031, 0.007, 0, start="normal",
+                     generator=torch.Generator().manual_seed(4))
+    assert torch.equal(start, images + 0.001 * noise) and (start < 0).any()
+
+
+def test_uniform_unclamped_start_is_the_trades_mart_evaluation(conv_setup):
+    model, images, labels = conv_setup
+    images[:, :, :2] = 0.0
+    uniform01 = torch.rand(images.shape, generator=torch.Generator().manual_seed(6))
+    reference = trades_mart_pgd_whitebox(model, images, labels, uniform01, 0.031, 20, 0.003)
+    ours = pgd_linf(logits_of(model), images, labels, 0.031, 0.003, 20, start="uniform_unclamped",
+                    generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    unclamped = pgd_linf(logits_of(model), images, labels, 0.031, 0.003, 0, start="uniform_unclamped",
+                         generator=torch.Generator().manual_seed(6))
+    clamped = pgd_linf(logits_of(model), images, labels, 0.031, 0.003, 0, start="uniform",
+                       generator=torch.Generator().manual_seed(6))
+    assert (unclamped < 0).any() and torch.equal(clamped, unclamped.clamp(0, 1))
+    with pytest.raises(ValueError, match="start"):
+        pgd_linf(logits_of(model), images, labels, 0.031, 0.003, 1, start="gaussian")
 
 
 def test_attack_leaves_parameter_grads_untouched(conv_setup):
@@ -240,7 +299,7 @@ def test_more_pgd_steps_are_stronger(trained_digits):
     forward = logits_of(model)
 
     def loss_after(steps):
-        adv = pgd_linf(forward, images, labels, 0.05, 0.0125, steps, random_start=False)
+        adv = pgd_linf(forward, images, labels, 0.05, 0.0125, steps, start="none")
         with torch.no_grad():
             return F.cross_entropy(forward(adv), labels).item()
 

@@ -1,16 +1,21 @@
 """PGD-AT and MART steps on the shared trainer (digits, CPU): robust accuracy is measured and below
 clean accuracy, the parts are logged, resume is exact, compile is refused."""
 
+import contextlib
+import copy
 import functools
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from opl.engine.evaluate import ClassificationEvaluator
 from opl.errors import ConfigError
-from opl.eval.adversarial import RobustAccuracy
-from opl.losses import ce_plus_opl
+from opl.eval.adversarial import RobustAccuracy, normalized_forward, pgd_linf
+from opl.losses import ClassificationLoss, ce_plus_opl
 from opl.methods import AdversarialStep
+from opl.models import MLP
 from test_trainer import Crash, crash_after, lines, make_trainer
 
 FAST = dict(eps=24.0, step_size=8.0, steps=3)
@@ -74,3 +79,32 @@ def test_bad_adversarial_settings_are_refused(tmp_path):
         make_trainer(tmp_path, step=adversarial(), compile=True)
     with pytest.raises(ValueError, match="steps"):
         RobustAccuracy(steps=0)
+    with pytest.raises(ConfigError, match="start"):
+        make_trainer(tmp_path, step=adversarial(start="gaussian"))
+    with pytest.raises(ValueError, match="start"):
+        RobustAccuracy(start="gaussian")
+
+
+@pytest.mark.parametrize("start", ["normal", "uniform_unclamped", "uniform", "none"])
+def test_step_trains_on_the_configured_attack_start(start):
+    """The step's examples are pgd_linf's from the configured start, drawn from the step's seeded
+    generator, the model in eval mode for the attack; the loss is the criterion on those examples."""
+    torch.manual_seed(0)
+    data = types.SimpleNamespace(mean=(0.3,), std=(0.4,))
+    model = MLP(10, 64, (32,))
+    step = AdversarialStep(model, ClassificationLoss(), data, kind="pgd_at", eps=7.905, step_size=1.785, steps=3,
+                           start=start, start_std=0.001)
+    step.bind(contextlib.nullcontext, torch.device("cpu"), seed=3)
+    pixels = torch.rand(16, 1, 8, 8)
+    x, y = (pixels - 0.3) / 0.4, torch.randint(0, 10, (16,))
+    model.train()
+    before = copy.deepcopy(model.state_dict())  # the step's train-mode forward moves the BN statistics
+    parts = step(x, y, torch.arange(16))
+
+    model.load_state_dict(before)
+    model.eval()
+    expected = pgd_linf(normalized_forward(model, (0.3,), (0.4,), contextlib.nullcontext), pixels, y, 7.905 / 255,
+                        1.785 / 255, 3, start=start, generator=torch.Generator().manual_seed(3), start_std=0.001)
+    model.train()
+    loss = F.cross_entropy(model((expected - 0.3) / 0.4)[1], y)
+    torch.testing.assert_close(parts["loss"], loss, rtol=1e-6, atol=1e-6)

@@ -1,6 +1,7 @@
 """Every experiment composes, pins the paper's recipe, and instantiates and trains on tiny data."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,9 @@ def test_label_noise_and_adversarial_recipes():
     assert (tl.loss.q, tl.loss.k, tl.loss.start_epoch, tl.loss.refresh_every) == (0.7, 0.5, 80, 10)
     assert (tl.loss.weight, tl.loss.gamma) == (0.1, 2.0)
     assert (tl.optim.lr, tl.optim.momentum, tl.optim.weight_decay) == (0.01, 0.9, 1e-4)
-    assert list(tl.sched.milestones) == [80, 120] and tl.trainer.epochs == 150
+    assert list(tl.sched.milestones) == [81, 121] and tl.trainer.epochs == 150  # their [80, 120], stepped after each epoch
     c10 = compose_experiment("cifar10_noise_sym_tl")
-    assert c10.loss.start_epoch == 40 and list(c10.sched.milestones) == [40, 80] and c10.trainer.epochs == 120
+    assert c10.loss.start_epoch == 40 and list(c10.sched.milestones) == [41, 81] and c10.trainer.epochs == 120
     assert c10.label_noise.kind == "symmetric" and "weight" not in c10.loss
     mart = compose_experiment("cifar10_mart_opl")
     assert (mart.method.kind, mart.method.eps, mart.method.step_size) == ("mart", 8, 2)
@@ -45,6 +46,31 @@ def test_label_noise_and_adversarial_recipes():
     assert pgd.method.kind == "pgd_at" and pgd.method._target_ == "opl.methods.AdversarialStep"
     assert set(pgd.evaluators) == {"classification", "robust"}
     assert compose_experiment("cifar100_opl").method._target_ == "opl.methods.StandardStep"
+
+
+def test_mart_reference_presets_are_the_scripts():
+    """YisenWang/MART train_resnet.py and train_wideresnet.py, in our units (1/255) where they differ."""
+    r18 = compose_experiment("cifar10_mart_r18_ref")
+    assert r18.model._target_ == "opl.models.resnet18_cifar" and r18.model.init == "pytorch"
+    assert list(r18.dataset.mean) == [0.0, 0.0, 0.0] and list(r18.dataset.std) == [1.0, 1.0, 1.0]
+    assert (r18.optim.lr, r18.optim.momentum, r18.optim.weight_decay) == (0.01, 0.9, 3.5e-3)
+    assert (r18.trainer.epochs, r18.trainer.batch_size, r18.trainer.drop_last) == (120, 128, False)
+    attack = r18.method
+    assert (attack.kind, attack.beta, attack.steps, attack.start, attack.start_std) == ("mart", 5.0, 10, "normal", 0.001)
+    assert attack.eps / 255 == pytest.approx(0.031, abs=1e-15) and attack.step_size / 255 == pytest.approx(0.007, abs=1e-15)
+    robust = r18.evaluators.robust
+    assert (robust.steps, robust.start) == (20, "uniform_unclamped")
+    assert robust.eps / 255 == pytest.approx(0.031, abs=1e-15) and robust.step_size / 255 == pytest.approx(0.003, abs=1e-15)
+    pgd = compose_experiment("cifar10_pgd_at_r18_ref_opl")
+    assert (pgd.method.kind, pgd.method.start, pgd.optim.weight_decay) == ("pgd_at", "normal", 3.5e-3)
+    assert pgd.loss._target_ == "opl.losses.ce_plus_opl"
+    assert compose_experiment("cifar10_mart_r18_ref_opl").method.kind == "mart"
+    wrn = compose_experiment("cifar10_mart_wrn_ref")
+    assert wrn.model._target_ == "opl.models.wrn34_10" and (wrn.method.kind, wrn.method.beta) == ("mart", 6.0)
+    assert (wrn.optim.lr, wrn.optim.weight_decay, wrn.trainer.epochs) == (0.1, 7e-4, 90)
+    assert wrn.evaluators.robust.step_size / 255 == pytest.approx(0.031 / 10, abs=1e-15)
+    ours = compose_experiment("cifar10_mart")
+    assert (ours.method.start, ours.method.eps, ours.method.beta, ours.evaluators.robust.start) == ("uniform", 8, 6.0, "uniform")
 
 
 def test_cifar100_opl_is_the_authors_recipe():
@@ -91,6 +117,8 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
     adversarial = "robust" in cfg.evaluators
     if adversarial:  # the recipe's PGD-10 / PGD-20 on CPU would dominate the suite
         cfg.method.steps = cfg.evaluators.robust.steps = 1
+    if cfg.model._target_ == "opl.models.wrn34_10":  # 20 s per CPU step: a WRN-10-1 of the same code instead
+        cfg.model = {"_target_": "opl.models.wide_resnet", "depth": 10, "widen_factor": 1, "num_classes": cfg.model.num_classes}
     if cfg.dataset._target_ == "opl.data.folders.image_folder":  # ImageNet recipes on a small class-folder tree
         cfg.dataset.update(root=str(cifar10_jpg_format_root), classes=None, num_classes=10, test_split="test",
                            image_size=32)
@@ -129,3 +157,19 @@ def test_every_table_and_figure_selector_names_an_existing_experiment():
     for figure in load_figure_specs(results / "figures.yaml"):
         named |= {selector.experiment for _, selector in figure["series"]}
     assert named and named <= set(EXPERIMENTS), sorted(named - set(EXPERIMENTS))
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation other than '-' dropped, spaces to '-'."""
+    return re.sub(r"[^a-z0-9 -]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_experiment_links_existing_deviation_sections():
+    docs = CONFIGS.parent / "docs" / "deviations.md"
+    sections = {github_anchor(line[3:]) for line in docs.read_text().splitlines() if line.startswith("## ")}
+    for name in EXPERIMENTS:
+        text = (CONFIGS / "experiment" / f"{name}.yaml").read_text()
+        comment = re.search(r"# Deviations \(docs/deviations\.md\):(.*?)\n(?!#   )", text, re.S)
+        assert comment, f"{name}.yaml has no '# Deviations (docs/deviations.md): #...' line"
+        anchors = re.findall(r"#([a-z0-9-]+)", comment.group(1))
+        assert anchors and set(anchors) <= sections, (name, sorted(set(anchors) - sections))

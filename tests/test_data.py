@@ -8,7 +8,7 @@ import torch
 
 from opl.data.base import AugmentSpec, DataSpec, ImageTensors
 from opl.data.cifar import cifar, ensure_cifar
-from opl.data.digits import digits
+from opl.data.digits import bundled_digits, digits
 from opl.data.folders import cifar10_jpg
 from opl.data.loaders import DeviceDataLoader, DeviceTensorLoader, build_loader
 from opl.data.splits import seeded_subset, validation_split
@@ -107,6 +107,16 @@ def test_cifar10_jpg_missing_root_and_archive_hint(tmp_path):
     archive.write_bytes(b"")
     with pytest.raises(DatasetNotFoundError, match="extract it first"):
         cifar10_jpg(str(archive), **CIFAR10)
+
+
+def test_bundled_digits_are_load_digits():
+    """The file read directly is exactly what scikit-learn's load_digits() returns."""
+    from sklearn.datasets import load_digits
+
+    pixels, labels = bundled_digits()
+    bunch = load_digits()
+    assert pixels.shape == (1797, 8, 8) and labels.dtype == np.int64
+    assert np.array_equal(pixels, bunch.images) and np.array_equal(labels, bunch.target)
 
 
 def test_digits_split_and_limits():

@@ -1,10 +1,12 @@
 """CIFAR ResNets and the MLP: parameter counts, (features, logits) contract, shortcut placement."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from opl.models import MLP, CifarResNet, resnet20, resnet32, resnet44, resnet56, resnet110
+from opl.models import MLP, CifarResNet, resnet18_cifar, resnet20, resnet32, resnet44, resnet56, resnet110
 
 BUILDERS = {20: resnet20, 32: resnet32, 44: resnet44, 56: resnet56, 110: resnet110}
 
@@ -87,12 +89,81 @@ def test_spatial_path_downsamples_to_8x8():
     assert logits.shape == (2, 10)
 
 
+def uniform_bound(weights: torch.Tensor) -> float:
+    """The half-width b of U(-b, b) that these samples come from, from their standard deviation (b / sqrt(3))."""
+    return weights.double().std().item() * math.sqrt(3)
+
+
+def fan_in(conv: nn.Module) -> int:
+    return conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+
+
+def test_pytorchcv_init_is_the_authors():
+    """Authors' CIFAR ResNets: every conv U(-sqrt(6/fan_in), +) (kaiming_uniform_ defaults), BN 1/0,
+    the Linear at PyTorch's default U(-1/sqrt(64), +) for weight and bias."""
+    torch.manual_seed(0)
+    model = resnet56(100)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        bound = math.sqrt(6.0 / fan_in(conv))
+        assert conv.weight.abs().max() <= bound and conv.bias is None
+        if conv.weight.numel() >= 2000:  # enough samples for the spread to pin the distribution
+            assert uniform_bound(conv.weight) == pytest.approx(bound, rel=0.05)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    assert model.fc.weight.abs().max() <= 1 / 8 and uniform_bound(model.fc.weight) == pytest.approx(1 / 8, rel=0.05)
+    assert 0 < model.fc.bias.abs().max() <= 1 / 8
+
+
+def test_resnet18_keeps_pytorch_default_init():
+    """Label-noise fork / MART ResNet-18: no re-initialisation, so convs are U(-1/sqrt(fan_in), +)."""
+    torch.manual_seed(0)
+    model = resnet18_cifar(10)
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        bound = 1 / math.sqrt(fan_in(conv))
+        assert conv.weight.abs().max() <= bound
+        if conv.weight.numel() >= 2000:
+            assert uniform_bound(conv.weight) == pytest.approx(bound, rel=0.05)
+    assert n_params(model) == 11_173_962
+    authors_style = resnet18_cifar(10, init="pytorchcv")
+    assert uniform_bound(authors_style.layers[-1].conv2.weight) == pytest.approx(math.sqrt(6 / (512 * 9)), rel=0.05)
+
+
+@pytest.mark.parametrize("builder", [resnet20, resnet18_cifar])
+def test_pre_relu_feature_is_the_signed_residual_sum(builder):
+    """feature=pre_relu: the last block's residual sum before its ReLU, pooled (signed: negative
+    entries appear); the classifier reads that vector. Same parameters as post_relu, and the
+    post-ReLU feature is the pooled ReLU of the same map."""
+    torch.manual_seed(1)
+    post = builder(10).eval()
+    pre = builder(10, feature="pre_relu").eval()
+    pre.load_state_dict(post.state_dict())
+    assert n_params(pre) == n_params(post)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        f_post, logits_post = post(x)
+        f_pre, logits_pre = pre(x)
+        h = post.layers[:-1](post.relu(post.bn1(post.conv1(x))))  # input of the last block
+        last = post.layers[-1]
+        residual_sum = last.bn2(last.conv2(last.relu(last.bn1(last.conv1(h))))) + last.shortcut(h)
+    assert (f_post >= 0).all() and (f_pre < 0).any()
+    torch.testing.assert_close(f_pre, residual_sum.mean(dim=(2, 3)))
+    torch.testing.assert_close(f_post, residual_sum.clamp(min=0).mean(dim=(2, 3)))
+    torch.testing.assert_close(logits_pre, f_pre @ pre.fc.weight.t() + pre.fc.bias)
+    torch.testing.assert_close(logits_post, f_post @ post.fc.weight.t() + post.fc.bias)
+    assert [b.final_relu for b in pre.layers] == [True] * (len(pre.layers) - 1) + [False]
+
+
 def test_invalid_resnet_arguments():
     """Zero blocks per stage or fewer than two classes are rejected."""
     with pytest.raises(ValueError):
         CifarResNet(0, 10)
     with pytest.raises(ValueError):
         CifarResNet(3, 1)
+    with pytest.raises(ValueError, match="model.init"):
+        CifarResNet(3, 10, init="kaiming")
+    with pytest.raises(ValueError, match="model.feature"):
+        CifarResNet(3, 10, feature="pre_bn")
 
 
 def test_mlp_returns_last_hidden_features():

@@ -22,8 +22,8 @@ from opl.results.records import (PROTOCOLS, SCHEMA_VERSION, RecordError, config_
                                  load_records, make_record, merge_records, read_history, run_key, strip_keys,
                                  validate_record, write_records)
 from opl.results.stats import Interval, mean_minus_constant, summarize, welch_difference
-from opl.results.tables import (DASH, SpecError, Selector, cell_result, comparison_interval, load_specs, parse_spec,
-                                table_latex, table_markdown)
+from opl.results.tables import (DASH, SpecError, Selector, cell_result, comparison_interval, format_interval,
+                                format_verdict, load_specs, parse_spec, table_latex, table_markdown)
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "results"
@@ -122,14 +122,20 @@ def test_single_run_gives_no_interval():
         assert welch.low is None and welch.high is None and welch.excludes_zero is None
 
 
-def test_identical_values_give_a_zero_width_interval():
+def test_identical_runs_leave_the_interval_undetermined():
+    """Zero observed spread is no estimate of seed noise: no interval, no verdict either way."""
     same = welch_difference([2.5, 2.5, 2.5], [2.5, 2.5])
-    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
-    assert same.excludes_zero is False
     shifted = welch_difference([3.0, 3.0], [1.0, 1.0, 1.0])
-    assert (shifted.estimate, shifted.low, shifted.high) == (2.0, 2.0, 2.0) and shifted.excludes_zero is True
-    constant = mean_minus_constant([4.0, 4.0, 4.0], 4.0)
-    assert (constant.estimate, constant.low, constant.high) == (0.0, 0.0, 0.0) and constant.excludes_zero is False
+    constant = mean_minus_constant([4.0, 4.0, 4.0], 3.0)
+    for interval, estimate in ((same, 0.0), (shifted, 2.0), (constant, 1.0)):
+        assert interval.estimate == estimate and interval.low is None and interval.high is None
+        assert interval.excludes_zero is None and interval.undetermined == "no spread"
+        assert format_verdict(interval) == "undetermined (identical runs)"
+        assert format_interval(interval, 2) == f"+{estimate:.2f} (no CI: no spread)"
+    # One group with spread is enough for Welch's interval.
+    assert welch_difference([3.0, 3.0], [1.0, 1.5, 1.0]).excludes_zero is True
+    too_few = welch_difference([3.0], [1.0, 2.0])
+    assert too_few.undetermined == "n < 2" and format_verdict(too_few) == "n/a (needs ≥ 2 seeds)"
 
 
 def test_excludes_zero():
@@ -592,7 +598,8 @@ def test_table_markdown_cells():
     assert ce_best[4] == "70.50 ± 0.71 (n=2)"
     assert opl_final[4] == f"{statistics.mean(OPL):.2f} ± {statistics.stdev(OPL):.2f} (n=4)"
     assert opl_final[6] == "yes"  # 74.83 ± 0.75 against 73.52: the interval excludes zero
-    assert opl_best[4] == "80.00 ± 0.00 (n=4)" and opl_best[5] == "+6.48 [+6.48, +6.48]" and opl_best[6] == "yes"
+    assert opl_best[4] == "80.00 ± 0.00 (n=4)" and opl_best[5] == "+6.48 (no CI: no spread)"
+    assert opl_best[6] == "undetermined (identical runs)"  # no spread across seeds: no verdict
     assert g2_final[3:7] == [DASH, "40.00 ± — (n=1)", DASH, DASH]
     assert skd_final[3:] == ["73.00 ± 0.25", DASH, DASH, DASH, DASH, DASH]
     assert r110_final[3:] == ["74.00", DASH, DASH, DASH, ORIG.replace("|", "\\|"), DASH]
@@ -764,7 +771,7 @@ def test_stored_expected_numbers_are_right():
     opl_best = values("cifar100_opl", "best_val_selected_test")
     assert ce_best == [70.5, 71.5] and opl_best == [75.0, 75.0, 75.0]
     assert "| 71.00 ± 0.71 (n=2) | -1.40 [-7.75, +4.95] | no |" in cifar
-    assert "| 75.00 ± 0.00 (n=3) | +1.48 [+1.48, +1.48] | yes |" in cifar
+    assert "| 75.00 ± 0.00 (n=3) | +1.48 (no CI: no spread) | undetermined (identical runs) |" in cifar
     welch = sps.ttest_ind(opl, ce, equal_var=False).confidence_interval(0.95)
     assert f"| +1.12 | +4.50 [{welch.low:+.2f}, {welch.high:+.2f}] | 3 vs 3 | yes |" in cifar
     welch_best = sps.ttest_ind(opl_best, ce_best, equal_var=False).confidence_interval(0.95)
@@ -789,7 +796,7 @@ def test_stored_expected_numbers_are_right():
     diff = statistics.mean(same_opl) - statistics.mean(same_ce)
     assert f"| {diff:+.3f} [{w.low:+.3f}, {w.high:+.3f}] | 2 vs 2 | yes |" in digits
     assert values("digits_ce", variant=VARIANT) == values("digits_opl", variant=VARIANT) == [95.0, 95.0]
-    assert "| OPL − CE | test top-1 | final epoch | — | +0.000 [+0.000, +0.000] | 2 vs 2 | no |" in digits
+    assert "| OPL − CE | test top-1 | final epoch | — | +0.000 (no CI: no spread) | 2 vs 2 | undetermined (identical runs) |" in digits
     assert "| MLP \\| CE + OPL | test top-1 |" in digits  # a pipe inside a cell is escaped
 
 

@@ -67,9 +67,45 @@ def test_lr_schedule_warmup_and_milestones(tmp_path):
         seen.append(trainer.optimizer.param_groups[0]["lr"])
         trainer.optimizer.step()
         trainer.scheduler.step()
-    assert seen[0] == pytest.approx(0.05 / iters)  # per-iteration linear warm-up over epoch 1
-    assert seen[iters - 1] == pytest.approx(0.05)
-    assert seen[iters] == pytest.approx(0.05) and seen[2 * iters] == pytest.approx(0.01)  # x0.2 at epoch 2
+    # Per-iteration linear warm-up over epoch 1, from LR 0 (the authors' WarmUpLR) ...
+    assert seen[:iters] == pytest.approx([0.05 * i / iters for i in range(iters)])
+    # ... then milestone 2: epoch 2 (1-based) already runs at x0.2.
+    assert seen[iters:] == pytest.approx([0.01] * (2 * iters))
+
+
+def authors_best_on_test(test_accuracies: list[float], after: int) -> tuple[int | None, float]:
+    """kahnchana/opl classification/cifar/train.py: `best_acc = 0.0`; for epoch in 1..EPOCH, after
+    evaluating, `if epoch > settings.MILESTONES[1] and best_acc < acc: best_acc = acc` (and save)."""
+    best_acc, best_epoch = 0.0, None
+    for epoch, acc in enumerate(test_accuracies, start=1):
+        if epoch > after and best_acc < acc:
+            best_acc, best_epoch = acc, epoch
+    return best_epoch, best_acc
+
+
+class ScriptedTest:
+    """An evaluator that reports a given test accuracy per epoch."""
+
+    def __init__(self, accuracies):
+        self.accuracies, self.epoch = accuracies, 0
+
+    def __call__(self, trainer) -> dict:
+        self.epoch += 1
+        return {"test_top1": self.accuracies[self.epoch - 1], "test_top5": 100.0}
+
+
+@pytest.mark.parametrize("accuracies", [
+    [50.0, 60.0, 90.0, 70.0, 80.0, 80.0],  # the best epoch is epoch 3 = `after`: excluded; a tie keeps the first
+    [10.0, 20.0, 30.0, 40.0, 35.0, 40.0],
+    [99.0, 98.0, 97.0, 20.0, 30.0, 25.0],
+])
+def test_authors_best_on_test_window_is_epochs_after_the_milestone(tmp_path, accuracies):
+    # The authors' settings.MILESTONES[1] = 120 of 200 epochs; here 3 of 6 (1-based epochs, as theirs).
+    trainer = make_trainer(tmp_path, epochs=6, test_selection_after_epoch=3,
+                           evaluators={"scripted": ScriptedTest(accuracies)})
+    best = trainer.fit()["authors_best_on_test"]
+    assert (best["epoch"], best["top1"]) == authors_best_on_test(accuracies, after=3)
+    assert best["epoch"] > 3 and best["after_epoch"] == 3
 
 
 class Crash(Exception):

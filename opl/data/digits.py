@@ -1,11 +1,27 @@
 """scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 10 classes): no download."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from opl.data.base import DataSpec, ImageTensors
 from opl.data.prepare import build_spec
 from opl.data.splits import validation_split
+from opl.errors import DatasetNotFoundError
+
+
+def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """`load_digits()`'s images (1797, 8, 8) float64 in 0..16 and int64 labels, read from the file it
+    reads (sklearn/datasets/data/digits.csv.gz) without importing scikit-learn, which costs ~2 s."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else None
+    if path is None or not path.is_file():
+        raise DatasetNotFoundError(f"scikit-learn's digits file is missing ({path or 'scikit-learn is not installed'}): "
+                                   "pip install scikit-learn")
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
 def digits(
@@ -19,13 +35,11 @@ def digits(
     limit_test: int | None = None,
 ) -> DataSpec:
     """A seeded train/test split of `load_digits()`; pixels 0..16 are rescaled to 0..255 uint8."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
     if num_classes != 10:
         raise ValueError(f"digits has 10 classes, config says {num_classes}")
-    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    everything = ImageTensors(images, torch.from_numpy(bunch.target))
+    pixels, labels = bundled_digits()
+    images = torch.from_numpy(np.rint(pixels * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    everything = ImageTensors(images, torch.from_numpy(labels))
     train_idx, test_idx = validation_split(len(everything), test_fraction, seed=0)  # fixed test set for every run
     return build_spec("digits", f"digits/sklearn|test={test_fraction}@0", num_classes, everything.subset(train_idx),
                       everything.subset(test_idx), mean, std, None, val_fraction, split_seed, limit_train, limit_test)

@@ -54,6 +54,7 @@ class TrainerConfig:
     capture: str = "step_only"
     loader: str = "auto"  # auto (device-resident on CUDA for in-memory data) | device | dataloader
     num_workers: int = 4
+    cpu_threads: int | None = None  # torch.set_num_threads; None keeps PyTorch's default (one per core)
     # Keep the last, smaller batch of each epoch (as PyTorch's DataLoader does by default); a last
     # batch of one sample is still dropped when the loss compares pairs (OPL).
     drop_last: bool = False
@@ -79,6 +80,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.capture must be one of {', '.join(CAPTURE_MODES)}, got {self.capture!r}")
         if self.num_workers < 0:
             raise ConfigError(f"trainer.num_workers must be >= 0, got {self.num_workers}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"trainer.cpu_threads must be >= 1 or null, got {self.cpu_threads}")
 
 
 @dataclass
@@ -118,6 +121,8 @@ class Trainer:
         if step.needs_pairs and self.local_batch_size < 2:
             raise ConfigError("OPL compares pairs of samples in a batch: trainer.batch_size must be >= 2 per process")
         set_deterministic(cfg.deterministic)
+        if cfg.cpu_threads is not None:
+            torch.set_num_threads(cfg.cpu_threads)
 
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
         if amp == "fp16" and self.device.type != "cuda":

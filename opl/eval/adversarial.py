@@ -1,9 +1,14 @@
 """L-infinity white-box attacks in pixel space (images in [0, 1]) for the adversarial-robustness
 experiments (paper.md section 3: PGD-trained CIFAR models, with and without OPL).
 
-* `pgd_linf`: Madry et al. (ICLR 2018) projected gradient descent on the cross-entropy: uniform
-  random start in the eps-ball, `steps` signed-gradient ascent steps of `step_size`, each followed by
+* `pgd_linf`: Madry et al. (ICLR 2018) projected gradient descent on the cross-entropy: a start
+  point (`start`, below), then `steps` signed-gradient ascent steps of `step_size`, each followed by
   projection onto the eps-ball around the clean image and onto the valid pixel range [0, 1].
+  Starts: "uniform": x + U(-eps, eps) clipped to [0, 1] (Madry's cifar10_challenge);
+  "uniform_unclamped": x + U(-eps, eps), not clipped before the first step (the PGD-20 evaluation
+  `_pgd_whitebox` of TRADES pgd_attack_cifar10.py and MART train_*.py); "normal": x + start_std *
+  N(0, 1), not clipped (the training attack of TRADES `trades_loss` and MART `mart_loss`, 0.001);
+  "none": x itself.
 * `fgsm`: Goodfellow et al. (ICLR 2015): a single signed step of size eps from the clean image.
 
 `RobustAccuracy` is the evaluator the adversarial experiments add: top-1 under PGD on the test set.
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+STARTS = ("uniform", "uniform_unclamped", "normal", "none")
 
 
 def _input_gradient_sign(forward: Forward, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -50,18 +56,27 @@ def pgd_linf(
     eps: float,
     step_size: float,
     steps: int,
-    random_start: bool = True,
+    start: str = "uniform",
     generator: torch.Generator | None = None,
+    start_std: float = 0.001,
 ) -> torch.Tensor:
-    """Madry PGD-`steps` within the L-inf ball of radius `eps` around `images` (pixels in [0, 1])."""
+    """PGD-`steps` within the L-inf ball of radius `eps` around `images` (pixels in [0, 1]), from
+    the start point `start` (module docstring); the random start draws from `generator`."""
     _check(eps, step_size, steps)
+    if start not in STARTS:
+        raise ValueError(f"attack start must be one of {STARTS}, got {start!r}")
     images = images.detach()
     # Intersection of the eps-ball and [0, 1] as one per-pixel box (non-empty since images in [0, 1]).
     lower, upper = (images - eps).clamp(min=0.0), (images + eps).clamp(max=1.0)
-    x = images.clone()
-    if random_start:
-        noise = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-        x = torch.clamp(x + (2.0 * noise - 1.0) * eps, lower, upper)
+    like = dict(generator=generator, device=images.device, dtype=images.dtype)
+    if start in ("uniform", "uniform_unclamped"):
+        x = images + (2.0 * torch.rand(images.shape, **like) - 1.0) * eps
+        if start == "uniform":
+            x = torch.clamp(x, lower, upper)
+    elif start == "normal":
+        x = images + start_std * torch.randn(images.shape, **like)
+    else:
+        x = images.clone()
     with torch.enable_grad():  # the caller may be under no_grad (evaluation)
         for _ in range(steps):
             x = torch.clamp(x + step_size * _input_gradient_sign(forward, x, labels), lower, upper)
@@ -113,7 +128,7 @@ def to_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 
 
 def robust_accuracy(model: nn.Module, loader, autocast, mean, std, eps: float, step_size: float, steps: int,
-                    limit: int | None = None, generator: torch.Generator | None = None) -> dict:
+                    limit: int | None = None, generator: torch.Generator | None = None, start: str = "uniform") -> dict:
     """Top-1 (%) under PGD-`steps` (eps, step size in pixel units) over the first `limit` images."""
     was_training = model.training
     model.eval()
@@ -126,7 +141,7 @@ def robust_accuracy(model: nn.Module, loader, autocast, mean, std, eps: float, s
                 break
             x, y = x[:limit - seen], y[:limit - seen]
         adversarial = pgd_linf(forward, to_pixels(x, mean_view, std_view), y, eps, step_size, steps,
-                               random_start=True, generator=generator)
+                               start=start, generator=generator)
         with torch.no_grad():
             hits = (forward(adversarial).argmax(dim=1) == y).sum()
         correct = hits if correct is None else correct + hits
@@ -142,15 +157,19 @@ class RobustAccuracy:
     only by the model.
     """
 
-    def __init__(self, eps: float = 8.0, step_size: float = 2.0, steps: int = 20, limit: int | None = None):
+    def __init__(self, eps: float = 8.0, step_size: float = 2.0, steps: int = 20, limit: int | None = None,
+                 start: str = "uniform"):
         if not eps >= 0 or not step_size > 0 or steps < 1:
             raise ValueError(f"robust evaluation needs eps >= 0, step_size > 0, steps >= 1; got {eps}, {step_size}, {steps}")
         if limit is not None and limit < 1:
             raise ValueError(f"robust evaluation limit must be >= 1 or null, got {limit}")
-        self.eps, self.step_size, self.steps, self.limit = float(eps), float(step_size), int(steps), limit
+        if start not in STARTS:
+            raise ValueError(f"robust evaluation start must be one of {STARTS}, got {start!r}")
+        self.eps, self.step_size, self.steps, self.limit, self.start = float(eps), float(step_size), int(steps), limit, start
 
     def __call__(self, trainer) -> dict:
         generator = torch.Generator(device=trainer.device).manual_seed(trainer.seed)
         metrics = robust_accuracy(trainer.model, trainer.eval_loader("test"), trainer.autocast, trainer.data.mean,
-                                  trainer.data.std, self.eps / 255, self.step_size / 255, self.steps, self.limit, generator)
+                                  trainer.data.std, self.eps / 255, self.step_size / 255, self.steps, self.limit,
+                                  generator, self.start)
         return {f"test_{k}": v for k, v in metrics.items()}

@@ -6,7 +6,7 @@ authors' public code (`mart_loss` in YisenWang/MART), with every logit cast to f
     mart_adv    = CE(logits_adv, y) + NLL(log(1.0001 - p_adv + 1e-12), y')      (boosted CE)
     mart_robust = mean_i [ KL(p_nat_i || p_adv_i) * (1.0000001 - p_nat_i[y_i]) ]  (KL weighted by
                   how badly the clean input is classified)
-    loss        = mart_adv + beta * mart_robust          (beta = 6 for CIFAR-10 in the paper)
+    loss        = mart_adv + beta * mart_robust   (MART's scripts: beta 5 for ResNet-18, 6 for WRN-34-10)
 
 The KL term keeps gradients through BOTH branches, as in the authors' code.
 """

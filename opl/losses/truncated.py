@@ -4,11 +4,22 @@ paper's label-noise experiments (paper.md section 3).
     Lq(p) = (1 - p^q) / q,   p = softmax(logits)[label]
     loss  = mean_i  w_i * (Lq(p_i) - Lq(k))
 
-Before `start_epoch` every weight is 1. At epoch `start_epoch` and every `refresh_every` epochs
-after it, the weights are recomputed from the CURRENT model over the whole training set:
+Before `start_epoch` every weight is 1. At the start of (1-based) epoch `start_epoch` and every
+`refresh_every` epochs after it, the weights are recomputed over the whole training set:
 w_i = 1 if Lq(p_i) < Lq(k) (the model gives the label probability above k), else 0, so samples the
-model confidently disagrees with are pruned until the next refresh. (The authors' script computed
-them from weights reloaded into a local variable the optimizer did not own; we do not copy that.)
+model confidently disagrees with are pruned until the next refresh.
+
+Where the weights come from differs from the reference (docs/deviations.md, "Truncated loss"):
+* Ours: the CURRENT model, in eval mode, on the UN-augmented training images; no test data.
+* The authors' fork (kahnchana/opl label_noise/truncated_loss/main.py) and the code it borrows
+  (AlanChou/Truncated-Loss main.py): the checkpoint with the best TEST accuracy so far (saved by
+  `test()` whenever test accuracy improves), in eval mode, over the training loader, i.e. on
+  randomly cropped and flipped images. The samples kept for training are thus chosen with a model
+  selected on the test set: a test-set leak. The refresh epochs are the same as ours for the
+  recipes' values (theirs: 1-based epochs e >= start_prune with e % 10 == 0; 40, 50, ... or 80, 90, ...).
+  In a refresh epoch their training loop then runs on a reloaded copy of the network whose
+  parameters the optimizer does not hold, so that epoch's gradients never reach the evaluated model;
+  we train normally in every epoch.
 """
 
 import torch

@@ -4,14 +4,18 @@ features.
 The loaders hand out normalised images; the attacks work in pixel space [0, 1] (epsilon in pixel
 units), so a step maps the batch back to pixels, attacks the model through a normalising wrapper
 under the training autocast, and trains on the normalised adversarial batch. Attack generation runs
-with the model in eval mode (batch-norm statistics frozen), as in the MART and TRADES code.
+with the model in eval mode (batch-norm statistics frozen), as in the MART and TRADES code. The
+attack's start point is `start` (opl.eval.adversarial.pgd_linf): "uniform" for ours, "normal"
+(x + 0.001 N(0, 1)) in the presets that follow MART's scripts (configs/method/*_ref.yaml). MART
+runs the clean batch through the model before the adversarial one, as `mart_loss`, so batch-norm
+running statistics are updated in the reference's order.
 """
 
 import torch
 from torch import nn
 
 from opl.errors import ConfigError
-from opl.eval.adversarial import channel_views, normalized_forward, pgd_linf, to_pixels
+from opl.eval.adversarial import STARTS, channel_views, normalized_forward, pgd_linf, to_pixels
 from opl.losses.mart import mart_loss
 from opl.methods.base import TrainingStep
 
@@ -25,7 +29,8 @@ class AdversarialStep(TrainingStep):
                        "torch.compile; use trainer.compile=false")
 
     def __init__(self, model: nn.Module, criterion: nn.Module, data, kind: str = "pgd_at", eps: float = 8.0,
-                 step_size: float = 2.0, steps: int = 10, beta: float = 6.0):
+                 step_size: float = 2.0, steps: int = 10, beta: float = 6.0, start: str = "uniform",
+                 start_std: float = 0.001):
         super().__init__(model, criterion)
         if kind not in KINDS:
             raise ConfigError(f"method.kind must be one of {KINDS}, got {kind!r}")
@@ -35,6 +40,9 @@ class AdversarialStep(TrainingStep):
             raise ConfigError(f"method.steps must be >= 1, got {steps}")
         if not beta >= 0:
             raise ConfigError(f"method.beta must be >= 0, got {beta}")
+        if start not in STARTS or not start_std >= 0:
+            raise ConfigError(f"method.start must be one of {STARTS} and method.start_std >= 0, got {start!r}, {start_std}")
+        self.start, self.start_std = start, float(start_std)
         self.kind, self.eps, self.step_size, self.steps, self.beta = kind, float(eps), float(step_size), int(steps), float(beta)
         self.data_mean, self.data_std = tuple(data.mean), tuple(data.std)
         self.generator: torch.Generator | None = None
@@ -58,19 +66,20 @@ class AdversarialStep(TrainingStep):
         pixels = to_pixels(x, self.mean, self.std)
         self.model.eval()
         adversarial = pgd_linf(self.attack, pixels, y, self.eps / 255, self.step_size / 255, self.steps,
-                               random_start=True, generator=self.generator)
+                               start=self.start, generator=self.generator, start_std=self.start_std)
         self.model.train()
         memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         x_adv = ((adversarial - self.mean) / self.std).contiguous(memory_format=memory_format)
-        with self.autocast():
-            features, logits = self.model(x_adv)
         if self.kind == "mart":
             with self.autocast():
-                _, clean_logits = self.model(x)
+                _, clean_logits = self.model(x)  # clean first, as `mart_loss` (batch-norm statistics order)
+                features, logits = self.model(x_adv)
             mart = mart_loss(logits, clean_logits, y, beta=self.beta)
             parts = self.criterion.combine("mart", mart["loss"], features, y)
             parts.update(mart_adv=mart["mart_adv"], mart_robust=mart["mart_robust"])
         else:  # Madry: the criterion (CE, or CE + lambda * OPL) on the adversarial batch
+            with self.autocast():
+                features, logits = self.model(x_adv)
             parts = self.criterion(logits, features, y, index)
         parts["top1"] = self.accuracy(logits, y)  # accuracy on the attacked batch
         return parts

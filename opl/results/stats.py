@@ -23,12 +23,18 @@ def summarize(values) -> Summary:
     return Summary(n, mean, std)
 
 
+# Why an interval could not be estimated (Interval.undetermined).
+TOO_FEW_RUNS = "n < 2"
+NO_SPREAD = "no spread"  # every run identical: a sample standard deviation of 0 is not a known 0
+
+
 @dataclass(frozen=True)
 class Interval:
     estimate: float
-    low: float | None   # None when the sample sizes do not allow an interval
+    low: float | None   # None when no interval can be estimated; `undetermined` says why
     high: float | None
     df: float | None
+    undetermined: str | None = None  # TOO_FEW_RUNS or NO_SPREAD when low/high are None
 
     @property
     def excludes_zero(self) -> bool | None:
@@ -38,11 +44,15 @@ class Interval:
 
 
 def mean_minus_constant(values, constant: float, confidence: float = 0.95) -> Interval:
-    """Student t interval of mean(values) - constant (e.g. ours minus the paper's number)."""
+    """Student t interval of mean(values) - constant (e.g. ours minus the paper's number).
+
+    Undetermined with fewer than 2 runs, or when every run is identical (no estimate of the spread)."""
     s = summarize(values)
     estimate = s.mean - constant
     if s.n < 2:
-        return Interval(estimate, None, None, None)
+        return Interval(estimate, None, None, None, TOO_FEW_RUNS)
+    if s.std == 0.0:
+        return Interval(estimate, None, None, None, NO_SPREAD)
     half = float(stats.t.ppf(0.5 + confidence / 2, s.n - 1)) * s.std / math.sqrt(s.n)
     return Interval(estimate, estimate - half, estimate + half, float(s.n - 1))
 
@@ -50,16 +60,17 @@ def mean_minus_constant(values, constant: float, confidence: float = 0.95) -> In
 def welch_difference(treatment, baseline, confidence: float = 0.95) -> Interval:
     """Welch's t interval of mean(treatment) - mean(baseline), unequal variances.
 
-    With both standard deviations zero the difference is exact and the interval has zero width.
+    Undetermined with fewer than 2 runs in a group, or when every run of both groups is identical:
+    zero observed spread says nothing about seed noise, so no difference is called distinguishable.
     """
     a, b = summarize(treatment), summarize(baseline)
     estimate = a.mean - b.mean
     if a.n < 2 or b.n < 2:
-        return Interval(estimate, None, None, None)
+        return Interval(estimate, None, None, None, TOO_FEW_RUNS)
     va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n
     se = math.sqrt(va + vb)
     if se == 0.0:
-        return Interval(estimate, estimate, estimate, math.inf)
+        return Interval(estimate, None, None, None, NO_SPREAD)
     df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1))
     half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
     return Interval(estimate, estimate - half, estimate + half, df)

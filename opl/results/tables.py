@@ -14,7 +14,7 @@ import yaml
 
 from opl.errors import OPLError
 from opl.results.records import PROTOCOL_NAMES, PROTOCOLS
-from opl.results.stats import Interval, Summary, mean_minus_constant, summarize, welch_difference
+from opl.results.stats import TOO_FEW_RUNS, Interval, Summary, mean_minus_constant, summarize, welch_difference
 
 DASH = "—"
 SPEC_KEYS = {"title", "source", "metric", "units", "decimals", "protocols", "paper_protocol", "status", "notes",
@@ -250,7 +250,7 @@ def format_interval(interval: Interval | None, decimals: int) -> str:
     if interval is None:
         return DASH
     if interval.low is None:
-        return f"{_fmt(interval.estimate, decimals, True)} (no CI: n < 2)"
+        return f"{_fmt(interval.estimate, decimals, True)} (no CI: {interval.undetermined})"
     return (f"{_fmt(interval.estimate, decimals, True)} "
             f"[{_fmt(interval.low, decimals, True)}, {_fmt(interval.high, decimals, True)}]")
 
@@ -259,7 +259,9 @@ def format_verdict(interval: Interval | None) -> str:
     if interval is None:
         return DASH
     verdict = interval.excludes_zero
-    return "n/a (needs ≥ 2 seeds)" if verdict is None else ("yes" if verdict else "no")
+    if verdict is None:
+        return "n/a (needs ≥ 2 seeds)" if interval.undetermined == TOO_FEW_RUNS else "undetermined (identical runs)"
+    return "yes" if verdict else "no"
 
 
 def _md_escape(text: str) -> str:

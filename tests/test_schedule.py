@@ -1,0 +1,163 @@
+"""Each recipe's learning rate at every iteration equals its reference's, computed by the reference's
+own rule (written out here from the reference scripts, with their values, never from our configs)."""
+
+import functools
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from opl.engine.schedule import build_scheduler, lr_factor
+from test_configs import CONFIGS, EXPERIMENTS
+
+
+def sgd(lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+
+
+class AuthorsWarmUpLR(torch.optim.lr_scheduler.LRScheduler):
+    """kahnchana/opl classification/cifar/utils.py `WarmUpLR`: base_lr * last_epoch / (total_iters + 1e-8)."""
+
+    def __init__(self, optimizer, total_iters, last_epoch=-1):
+        self.total_iters = total_iters
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        return [base_lr * self.last_epoch / (self.total_iters + 1e-8) for base_lr in self.base_lrs]
+
+
+@functools.cache
+def authors_cifar(iters: int) -> list[float]:
+    """kahnchana/opl classification/cifar/train.py: lr 0.1; MultiStepLR(settings.MILESTONES =
+    [60, 120, 160], gamma=0.2) built first, then WarmUpLR(iters * warm), warm = 1; for epoch in
+    1..EPOCH=200: `if epoch > warm: train_scheduler.step(epoch)`, then per batch optimizer.step()
+    and `if epoch <= warm: warmup_scheduler.step()`."""
+    optimizer = sgd(0.1)
+    train_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[60, 120, 160], gamma=0.2)
+    warmup_scheduler = AuthorsWarmUpLR(optimizer, iters * 1)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # step(epoch) is deprecated, but it is what the authors call
+        for epoch in range(1, 201):
+            if epoch > 1:
+                train_scheduler.step(epoch)
+            for _ in range(iters):
+                lrs.append(optimizer.param_groups[0]["lr"])
+                if epoch <= 1:
+                    warmup_scheduler.step()
+    return lrs
+
+
+def label_noise_fork(milestones: list[int], epochs: int, iters: int) -> list[float]:
+    """kahnchana/opl label_noise/truncated_loss/main.py (as AlanChou/Truncated-Loss): lr 0.01 (script),
+    MultiStepLR(milestones=--schedule, gamma=0.1), `for epoch in range(start_epoch=0, epochs)`:
+    train, test, then scheduler.step(). Scripts: CIFAR-10 --schedule 40 80 --epochs 120,
+    CIFAR-100 --schedule 80 120 --epochs 150."""
+    optimizer = sgd(0.01)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no optimizer.step() in this simulation
+        for _ in range(epochs):
+            lrs += [optimizer.param_groups[0]["lr"]] * iters
+            scheduler.step()
+    return lrs
+
+
+def adjust_learning_rate(lr: float, epochs: int, iters: int) -> list[float]:
+    """TRADES train_trades_cifar10.py and MART train_resnet.py / train_wideresnet.py: for epoch in
+    1..epochs, before training: lr x0.1 if epoch >= 75, x0.01 if >= 90, x0.001 if >= 100."""
+    lrs = []
+    for epoch in range(1, epochs + 1):
+        value = lr
+        if epoch >= 75:
+            value = lr * 0.1
+        if epoch >= 90:
+            value = lr * 0.01
+        if epoch >= 100:
+            value = lr * 0.001
+        lrs += [value] * iters
+    return lrs
+
+
+# Iterations per epoch as in each reference: ceil(training images / 128), the last smaller batch kept.
+AUTHORS_CIFAR_ITERS = math.ceil(45_000 / 128)  # 10% validation split
+FULL_TRAIN_ITERS = math.ceil(50_000 / 128)
+
+AUTHORS_CIFAR = lambda: authors_cifar(AUTHORS_CIFAR_ITERS)  # noqa: E731
+NOISE_C10 = lambda: label_noise_fork([40, 80], 120, FULL_TRAIN_ITERS)  # noqa: E731
+NOISE_C100 = lambda: label_noise_fork([80, 120], 150, FULL_TRAIN_ITERS)  # noqa: E731
+ADVERSARIAL_OURS = lambda: adjust_learning_rate(0.1, 100, FULL_TRAIN_ITERS)  # noqa: E731 (their rule, our 100 epochs)
+MART_R18 = lambda: adjust_learning_rate(0.01, 120, FULL_TRAIN_ITERS)  # noqa: E731 (MART train_resnet.py)
+MART_WRN = lambda: adjust_learning_rate(0.1, 90, FULL_TRAIN_ITERS)  # noqa: E731 (MART train_wideresnet.py)
+
+REFERENCE = {
+    "cifar100_ce": AUTHORS_CIFAR, "cifar100_opl": AUTHORS_CIFAR, "cifar100_r110_ce": AUTHORS_CIFAR,
+    "cifar100_r110_opl": AUTHORS_CIFAR, "cifar10_ce": AUTHORS_CIFAR, "cifar10_opl": AUTHORS_CIFAR,
+    **{f"cifar10_noise_{n}_{m}": NOISE_C10 for n in ("sym", "pair") for m in ("tl", "tl_opl")},
+    **{f"cifar100_noise_{n}_{m}": NOISE_C100 for n in ("sym", "pair") for m in ("tl", "tl_opl")},
+    **{f"{d}_{m}": ADVERSARIAL_OURS for d in ("cifar10", "cifar100") for m in ("pgd_at", "pgd_at_opl", "mart", "mart_opl")},
+    **{f"cifar10_{m}_r18_ref{o}": MART_R18 for m in ("pgd_at", "mart") for o in ("", "_opl")},
+    "cifar10_mart_wrn_ref": MART_WRN,
+}
+# Our own schedules (no reference to match): the CPU-sized checks and the digits demo use a cosine.
+OURS = {name for name in EXPERIMENTS if name.startswith(("digits_", "cifar10_jpg_cpu_"))}
+
+
+def ours(name: str) -> tuple[list[float], int]:
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={name}"])
+    n_train = round(50_000 * (1 - cfg.dataset.val_fraction))
+    batch, epochs, lr = cfg.trainer.batch_size, cfg.trainer.epochs, cfg.optim.lr
+    iters = n_train // batch if cfg.trainer.drop_last else math.ceil(n_train / batch)
+    factor = lr_factor(iters_per_epoch=iters, epochs=epochs, **OmegaConf.to_container(cfg.sched))
+    return [lr * factor(it) for it in range(epochs * iters)], iters
+
+
+def test_every_experiment_is_checked_against_a_reference_or_declared_ours():
+    assert set(EXPERIMENTS) == set(REFERENCE) | OURS, sorted(set(EXPERIMENTS) ^ (set(REFERENCE) | OURS))
+    for name in OURS:
+        with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+            assert compose("train", overrides=[f"experiment={name}"]).sched.kind == "cosine", name
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_lr_at_every_iteration_equals_the_reference(name):
+    reference = REFERENCE[name]()
+    lrs, iters = ours(name)
+    assert len(lrs) == len(reference), "epochs or iterations per epoch differ from the reference"
+    differ = np.flatnonzero(~np.isclose(lrs, reference, rtol=1e-7, atol=1e-12))
+    if differ.size:
+        it = int(differ[0])
+        pytest.fail(f"{differ.size} iterations differ; first: iteration {it} (epoch {it // iters + 1}): "
+                    f"ours {lrs[it]}, reference {reference[it]}")
+
+
+def test_authors_cifar_schedule_in_words():
+    lrs = authors_cifar(AUTHORS_CIFAR_ITERS)
+    per_epoch = lambda epoch: lrs[(epoch - 1) * AUTHORS_CIFAR_ITERS]  # noqa: E731
+    assert lrs[0] == 0.0 and lrs[AUTHORS_CIFAR_ITERS - 1] == pytest.approx(0.1 * 351 / 352)
+    assert [per_epoch(e) for e in (2, 59, 60, 119, 120, 159, 160, 200)] == pytest.approx(
+        [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008])
+
+
+def test_the_scheduler_object_steps_the_factor():
+    optimizer = sgd(0.1)
+    scheduler = build_scheduler(optimizer, 5, 3, kind="multistep", warmup_epochs=1, milestones=[2, 3], gamma=0.5)
+    seen = []
+    for _ in range(15):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.0, 0.02, 0.04, 0.06, 0.08] + [0.05] * 5 + [0.025] * 5)
+
+
+def test_milestones_are_checked():
+    with pytest.raises(ValueError, match="increasing"):
+        lr_factor("multistep", 10, 5, milestones=[3, 2])
+    with pytest.raises(ValueError, match=">= 1"):
+        lr_factor("multistep", 10, 5, milestones=[0])
