@@ -140,7 +140,7 @@ def test_imagenet_recipes():
     assert (cfg.model._target_, cfg.model.arch, cfg.model.num_classes) == ("opl.models.TimmBackbone", "resnet50", 1000)
     assert (cfg.loss.weight, cfg.loss.gamma, cfg.loss.scope) == (0.1, 2.0, "local")
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.4, 0.9, 1e-4)
-    assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (90, 1024) and list(cfg.sched.milestones) == [30, 60]
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (90, 1024) and list(cfg.sched.milestones) == [31, 61]
     assert cfg.dataset.image_size == 224 and cfg.dataset.test_split == "val" and cfg.dataset.augment.hflip
     assert compose_experiment("imagenet_r50d_ce").model.arch == "resnet50d"
     r18 = compose_experiment("imagenet_r18_ce")

@@ -52,12 +52,14 @@ def authors_cifar(iters: int) -> list[float]:
     return lrs
 
 
-def label_noise_fork(milestones: list[int], epochs: int, iters: int) -> list[float]:
-    """kahnchana/opl label_noise/truncated_loss/main.py (as AlanChou/Truncated-Loss): lr 0.01 (script),
-    MultiStepLR(milestones=--schedule, gamma=0.1), `for epoch in range(start_epoch=0, epochs)`:
-    train, test, then scheduler.step(). Scripts: CIFAR-10 --schedule 40 80 --epochs 120,
-    CIFAR-100 --schedule 80 120 --epochs 150."""
-    optimizer = sgd(0.01)
+def stepped_after_each_epoch(lr: float, milestones: list[int], epochs: int, iters: int) -> list[float]:
+    """MultiStepLR(milestones, gamma=0.1) stepped once after each epoch:
+    * kahnchana/opl label_noise/truncated_loss/main.py (as AlanChou/Truncated-Loss): lr 0.01 (script),
+      `for epoch in range(start_epoch=0, epochs)`: train, test, then scheduler.step(). Scripts:
+      CIFAR-10 --schedule 40 80 --epochs 120, CIFAR-100 --schedule 80 120 --epochs 150.
+    * pytorch/vision references/classification/train.py: StepLR(step_size=30, gamma=0.1) stepped
+      after each of 90 epochs (= milestones 30, 60)."""
+    optimizer = sgd(lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     lrs = []
     with warnings.catch_warnings():
@@ -89,8 +91,11 @@ AUTHORS_CIFAR_ITERS = math.ceil(45_000 / 128)  # 10% validation split
 FULL_TRAIN_ITERS = math.ceil(50_000 / 128)
 
 AUTHORS_CIFAR = lambda: authors_cifar(AUTHORS_CIFAR_ITERS)  # noqa: E731
-NOISE_C10 = lambda: label_noise_fork([40, 80], 120, FULL_TRAIN_ITERS)  # noqa: E731
-NOISE_C100 = lambda: label_noise_fork([80, 120], 150, FULL_TRAIN_ITERS)  # noqa: E731
+NOISE_C10 = lambda: stepped_after_each_epoch(0.01, [40, 80], 120, FULL_TRAIN_ITERS)  # noqa: E731
+NOISE_C100 = lambda: stepped_after_each_epoch(0.01, [80, 120], 150, FULL_TRAIN_ITERS)  # noqa: E731
+IMAGENET_TRAIN = 1_281_167
+# torchvision's reference at the experiments' global batch 1,024 and LR 0.4 (0.1 per 256; docs/deviations.md).
+IMAGENET = lambda: stepped_after_each_epoch(0.4, [30, 60], 90, math.ceil(IMAGENET_TRAIN / 1024))  # noqa: E731
 ADVERSARIAL_OURS = lambda: adjust_learning_rate(0.1, 100, FULL_TRAIN_ITERS)  # noqa: E731 (their rule, our 100 epochs)
 MART_R18 = lambda: adjust_learning_rate(0.01, 120, FULL_TRAIN_ITERS)  # noqa: E731 (MART train_resnet.py)
 MART_WRN = lambda: adjust_learning_rate(0.1, 90, FULL_TRAIN_ITERS)  # noqa: E731 (MART train_wideresnet.py)
@@ -103,15 +108,16 @@ REFERENCE = {
     **{f"{d}_{m}": ADVERSARIAL_OURS for d in ("cifar10", "cifar100") for m in ("pgd_at", "pgd_at_opl", "mart", "mart_opl")},
     **{f"cifar10_{m}_r18_ref{o}": MART_R18 for m in ("pgd_at", "mart") for o in ("", "_opl")},
     "cifar10_mart_wrn_ref": MART_WRN,
+    **{f"imagenet_{a}_{m}": IMAGENET for a in ("r18", "r50", "r50d") for m in ("ce", "opl")},
 }
 # Our own schedules (no reference to match): the CPU-sized checks and the digits demo use a cosine.
-OURS = {name for name in EXPERIMENTS if name.startswith(("digits_", "cifar10_jpg_cpu_"))}
+OURS = {name for name in EXPERIMENTS if name.startswith(("digits_", "cifar10_jpg_cpu_", "imagefolder_cpu_"))}
 
 
 def ours(name: str) -> tuple[list[float], int]:
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={name}"])
-    n_train = round(50_000 * (1 - cfg.dataset.val_fraction))
+    n_train = round((IMAGENET_TRAIN if cfg.dataset.get("name") == "imagenet" else 50_000) * (1 - cfg.dataset.val_fraction))
     batch, epochs, lr = cfg.trainer.batch_size, cfg.trainer.epochs, cfg.optim.lr
     iters = n_train // batch if cfg.trainer.drop_last else math.ceil(n_train / batch)
     factor = lr_factor(iters_per_epoch=iters, epochs=epochs, **OmegaConf.to_container(cfg.sched))
