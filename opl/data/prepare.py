@@ -40,8 +40,10 @@ def finalize(
 
 def build_spec(name: str, variant: str, num_classes: int, train: Split, test: Split, mean, std,
                augment: dict | None = None, val_fraction: float = 0.0, split_seed: int = 0,
-               limit_train: int | None = None, limit_test: int | None = None) -> DataSpec:
-    """A dataset from its train and test splits, finalised (validation split, subsets, variant)."""
+               limit_train: int | None = None, limit_test: int | None = None,
+               fingerprint: str | None = None) -> DataSpec:
+    """A dataset from its train and test splits, finalised (validation split, subsets, variant).
+    `fingerprint`: a short hash of what was read (`DataSpec.fingerprint`)."""
     spec = DataSpec(name=name, variant=variant, num_classes=num_classes, train=train, test=test, val=None,
-                    mean=tuple(mean), std=tuple(std), augment=AugmentSpec(**(augment or {})))
+                    mean=tuple(mean), std=tuple(std), augment=AugmentSpec(**(augment or {})), fingerprint=fingerprint)
     return finalize(spec, val_fraction, split_seed, limit_train, limit_test)

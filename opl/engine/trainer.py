@@ -200,8 +200,10 @@ class Trainer:
     def _check_finite(self, bad_step: torch.Tensor) -> None:
         step = int(bad_step)
         if step >= 0:
+            kept = (f"the last good checkpoint is {self.last_checkpoint}"
+                    if self.last_checkpoint.exists() else "no checkpoint had been written yet")
             raise NonFiniteLossError(step, f"the training loss became NaN/inf at step {step} (epoch {self.state.epoch + 1}); "
-                                     f"stopped without saving, the last good checkpoint is {self.last_checkpoint}")
+                                     f"stopped without saving, {kept}")
 
     def _run_steps(self, batches: Iterator, steps: int) -> dict:
         """`steps` optimisation steps over `batches`; the mean of every loss part, timing and LR."""
@@ -289,6 +291,9 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train from `state.epoch` to `cfg.epochs`; return the summary for results.json."""
+        # metrics.jsonl holds exactly the checkpointed epochs: lines a crash left after the last
+        # checkpoint (or before the first one) are dropped, never duplicated.
+        self.metrics.truncate_after(self.state.epoch)
         first_epoch_of_process = True
         # Per-epoch state of any part of the step (e.g. the truncated loss's weights).
         hooks = [m.before_epoch for m in self.training_step.modules() if callable(getattr(m, "before_epoch", None))]
