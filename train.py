@@ -268,7 +268,9 @@ def execute(cfg: DictConfig, job: Job) -> dict | None:
             try:
                 return train(cfg, resolved, owned_by, owner, parts, run_dir, job, action, wandb)
             except BaseException as exc:
-                log.error(failure(exc, job)[0])
+                message, _ = failure(exc, job)
+                if message:
+                    log.error(message)
                 raise
 
 
@@ -341,19 +343,22 @@ def one_line(exc: BaseException) -> str:
         hint = ERRNO_HINTS.get(exc.errno)
         return f"{where}{exc.strerror} ({name}){'; ' + hint if hint else ''}"
     text = str(exc).strip()
-    if "\n" in text:
+    if "Original Traceback" in text:
         last = text.splitlines()[-1]
         name, sep, message = last.partition(": ")
-        text = message if sep and name.rsplit(".", 1)[-1] == type(exc).__name__ else last
-    return text
+        return message if sep and name.rsplit(".", 1)[-1] == type(exc).__name__ else last
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def failure(exc: BaseException, job: Job) -> tuple[str | None, int]:
     """(the one line to print, the exit status) for what stopped a job; (None, 1) for a bug."""
     if isinstance(exc, KeyboardInterrupt):
-        if job.training:
-            return f"interrupted at epoch {job.trainer.state.epoch + 1}; run the same command to resume", 130
-        return "interrupted before training started; run the same command to start it", 130
+        if not job.training:
+            return "interrupted before training started; run the same command to start it", 130
+        restart, finished = job.trainer.checkpoint_epoch + 1, job.trainer.state.epoch
+        span = f"epochs {restart}-{finished}" if finished > restart else f"epoch {restart}"
+        redo = f" ({span} finished after the last checkpoint and will run again)" if finished >= restart else ""
+        return f"interrupted at epoch {restart}; run the same command to resume{redo}", 130
     if isinstance(exc, (OPLError, OSError)):
         return f"error: {one_line(exc)}", 2
     return None, 1

@@ -135,6 +135,8 @@ def check_keywords(values: dict, target: Callable, prefix: str, skip: tuple = ()
                                 and k not in skip and k != "self")
             raise ConfigError(f"{where} is not an option of {name} (options: {options})")
         kind = hints.get(key, params[key].annotation)
+        if value is None and kind is str and params[key].default is params[key].empty:
+            continue  # a required path or name left unset: its consumer says what to set
         if not matches(value, kind):
             raise ConfigError(f"{where}={value!r}: expected {_describe(kind)}")
 

@@ -6,14 +6,16 @@ otherwise (with one warning), so a run never prompts and never hangs on a missin
 the user demanded (`online`) that cannot work is a one-line error instead of a silent fallback.
 """
 
+import http.client
 import json
 import math
 import netrc
 import os
 import secrets
-import socket
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -119,38 +121,38 @@ class RunLog:
 
 
 # ------------------------------------------------------------------------------------------ wandb
-def wandb_host(environ=os.environ) -> tuple[str, int]:
-    """(host, port) a wandb run talks to: the HTTPS proxy when one is set, else the wandb server."""
-    proxy = environ.get("HTTPS_PROXY") or environ.get("https_proxy")
-    url = urlsplit(proxy or environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+def wandb_url(environ=os.environ) -> str:
+    return environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
 
 
 def has_wandb_credentials(environ=os.environ) -> bool:
     if environ.get("WANDB_API_KEY"):
         return True
-    host = urlsplit(environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    host = urlsplit(wandb_url(environ)).hostname or "api.wandb.ai"
     try:
         return netrc.netrc(environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
 
-def reachable(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout` seconds (name lookup included)."""
-    result = []
+def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether `url` answers an HTTP request (any status) within `timeout` seconds, name lookup,
+    proxy (HTTPS_PROXY) and TLS certificate check included: what wandb itself needs."""
+    answered = []
 
-    def connect():
+    def ask():
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            pass
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)  # a status code is an answer
+        except (OSError, ValueError, http.client.HTTPException):
+            pass  # no name, refused, timed out, TLS failure, not HTTP
 
-    probe = threading.Thread(target=connect, daemon=True)
+    probe = threading.Thread(target=ask, daemon=True)
     probe.start()
-    probe.join(timeout)
-    return bool(result)
+    probe.join(timeout + 0.5)
+    return bool(answered)
 
 
 def choose_wandb_mode(configured: str | None, environ=os.environ, probe=reachable) -> tuple[str, str | None]:
@@ -162,11 +164,11 @@ def choose_wandb_mode(configured: str | None, environ=os.environ, probe=reachabl
                           "(or leave it unset: online when logged in and reachable, else offline)")
     if requested in ("offline", "disabled"):
         return requested, None
-    host, port = wandb_host(environ)
+    url = wandb_url(environ)
     if not has_wandb_credentials(environ):
         problem = "no wandb API key (set WANDB_API_KEY or run `wandb login`)"
-    elif not probe(host, port):
-        problem = f"{host}:{port} could not be reached within {PROBE_TIMEOUT_S:g} s (no network?)"
+    elif not probe(url):
+        problem = f"{url} did not answer within {PROBE_TIMEOUT_S:g} s (no network?)"
     else:
         return "online", None
     if requested == "online":

@@ -140,6 +140,7 @@ class Trainer:
             self.step = torch.compile(step, mode=mode, dynamic=False)
 
         self.state = TrainState()
+        self.checkpoint_epoch = 0  # the epoch of the last checkpoint written or resumed: where a restart continues
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
         self.progress = Progress(cfg.progress)
 
@@ -171,6 +172,7 @@ class Trainer:
             "train_loader": self.train_loader.state_dict(),
             "state": vars(self.state),
         }, self.last_checkpoint)
+        self.checkpoint_epoch = self.state.epoch
 
     def resume(self, path: str | Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
@@ -191,6 +193,7 @@ class Trainer:
             self.state = TrainState(**ckpt["state"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: training state does not fit this run ({type(exc).__name__}: {exc})") from exc
+        self.checkpoint_epoch = self.state.epoch
         self.metrics.truncate_after(self.state.epoch)
 
     def load_weights(self, path: str | Path) -> None:
