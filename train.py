@@ -132,10 +132,10 @@ def validate(resolved: dict) -> WandbChoice:
     except ValueError as exc:
         raise ConfigError(f"sched: {exc}") from exc
     logger = resolved["logger"]["name"]
-    if logger == "none":
-        return WandbChoice(None)
-    if logger != "wandb":
+    if logger not in ("wandb", "none"):
         raise ConfigError(f"logger={logger!r}: expected wandb or none")
+    if logger == "none" or resolved["eval_only"]:  # an evaluation logs nothing to wandb
+        return WandbChoice(None)
     mode, warning = choose_wandb_mode(resolved["logger"].get("mode"))
     return WandbChoice(mode, not (os.environ.get("WANDB_MODE") or resolved["logger"].get("mode")), warning)
 

@@ -499,6 +499,10 @@ def test_a_damaged_run_config_is_rewritten_only_when_the_folder_agrees(finished,
     out = capsys.readouterr().out
     assert f"note: {run / 'run_config.json'} was damaged; rewritten" in out and "already finished" in out
     assert (run / "run_config.json").read_text() == owner
+    (run / "run_config.json").unlink()
+    assert run_here(run, *FAST) == 0
+    assert f"note: {run / 'run_config.json'} was missing; rewritten" in capsys.readouterr().out
+    assert (run / "run_config.json").read_text() == owner
     (run / "run_config.json").write_text(owner[:40])
     assert run_here(run, *fast("loss.gamma=2.0")) == 2
     assert only_line(capsys.readouterr().err) == (

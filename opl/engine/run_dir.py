@@ -185,9 +185,8 @@ class RunDir:
         state = "damaged" if self.config_file.exists() else "missing"
         if self.config_file.exists() or self.checkpoint.exists() or self.results.exists():
             self._check_recovered_owner(owner, state)
-            if self.config_file.exists():
-                print(f"note: {self.config_file} was {state}; rewritten (the folder's checkpoint and results "
-                      "agree with this run)")
+            print(f"note: {self.config_file} was {state}; rewritten (the folder's checkpoint and results "
+                  "agree with this run)")
         atomic_write_json(self.config_file, owner)
 
     def _check_recovered_owner(self, owner: dict, state: str) -> None:

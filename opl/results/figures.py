@@ -1,8 +1,10 @@
 """Figures from result records: accuracy vs a swept parameter, feature geometry and training curves.
 
 Specifications live in `results/figures.yaml` (a list; each item names its `file`, `kind`, `title`
-and the records it plots through the same selectors as the tables). Every point is a mean over
-seeds with a +-1 standard deviation bar or band, and the legend gives the number of seeds.
+and the records it plots through the same selectors as the tables). The runs behind each point are
+chosen as for a table cell (`select_runs`: the latest run of a key, one run per seed, one dataset).
+Every point is a mean over seeds with a +-1 standard deviation bar or band, and the legend gives the
+number of seeds.
 """
 
 from collections import defaultdict
