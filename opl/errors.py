@@ -17,6 +17,10 @@ class CheckpointError(OPLError):
     """A checkpoint is corrupt, or does not match the model / run it is loaded into."""
 
 
+class RunFolderError(OPLError):
+    """A run folder is in use by another process, or holds a file that cannot be repaired safely."""
+
+
 class NonFiniteLossError(OPLError):
     """The training loss became NaN or infinite."""
 

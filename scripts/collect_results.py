@@ -1,7 +1,11 @@
 """Gather every finished run's results.json into results/records.jsonl (one line per run key).
 
-    python scripts/collect_results.py                     # scans runs/
+    python scripts/collect_results.py                     # scans runs/, adds to results/records.jsonl
     python scripts/collect_results.py /path/to/runs ...   # other run folders (e.g. copied from a GPU box)
+    python scripts/collect_results.py --out my.jsonl      # your own file; the committed one is left alone
+
+By default the records are ADDED TO THE COMMITTED FILE results/records.jsonl (what the tables and
+figures of the repository are built from); `--out FILE` reads and writes FILE instead.
 
 A run counts as finished when its folder has results.json and the DONE marker; folders moved aside
 by force=true (superseded-*) are skipped. Each record stores the overrides of its configuration
@@ -25,6 +29,8 @@ from hydra.errors import HydraException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from opl.errors import OPLError  # noqa: E402
+
+COMMITTED = REPO_ROOT / "results" / "records.jsonl"
 from opl.results.records import (RecordError, config_overrides, load_records, make_record, merge_records,  # noqa: E402
                                  read_history, strip_keys, write_records)
 
@@ -82,7 +88,8 @@ def record_of(run_dir: Path, defaults: ExperimentDefaults) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("roots", nargs="*", default=["runs"], help="folders holding run directories (default runs/)")
-    parser.add_argument("--records", default=str(REPO_ROOT / "results" / "records.jsonl"))
+    parser.add_argument("--out", "--records", dest="records", default=str(COMMITTED),
+                        help="records file to add to (default: the committed results/records.jsonl)")
     args = parser.parse_args(argv)
     try:
         existing = load_records(args.records)
@@ -90,11 +97,13 @@ def main(argv=None) -> int:
         new = [record_of(run_dir, defaults) for run_dir in finished_runs([Path(r) for r in args.roots])]
         records, counts = merge_records(existing, new)
         write_records(args.records, records)
-    except OPLError as exc:
+    except (OPLError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    committed = Path(args.records).resolve() == COMMITTED.resolve()
     print(f"{args.records}: {len(records)} records ({counts['added']} added, {counts['replaced']} replaced, "
-          f"{counts['unchanged']} unchanged) from {len(new)} finished runs")
+          f"{counts['unchanged']} unchanged) from {len(new)} finished runs"
+          + (" [the committed file; --out FILE keeps a file of your own]" if committed else ""))
     return 0
 
 

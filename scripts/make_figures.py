@@ -2,8 +2,9 @@
 
     python scripts/make_figures.py [--records R] [--spec S] [--out DIR]
 
-A figure with no records behind it yet is skipped and named on the output. Exit 2 on a malformed
-record or specification.
+A figure with no records behind it yet is skipped and named on the output. Runs are selected as
+for the tables (opl.results.records.select_runs: the latest run of a key, one run per seed). Exit 2
+on a malformed record or specification, or a figure point with two runs of one seed.
 """
 
 import argparse
@@ -31,9 +32,12 @@ def main(argv=None) -> int:
     except OPLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for spec in specs:
-        fig = draw(spec, records)
-        path = Path(args.out) / spec["file"]
+    try:  # every figure is drawn (and its runs selected) before any file is written
+        figures = [(Path(args.out) / spec["file"], draw(spec, records)) for spec in specs]
+    except OPLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path, fig in figures:
         if fig is None:
             print(f"skipped {path}: no records for it yet")
             continue

@@ -2,6 +2,8 @@
 
     python scripts/make_tables.py            # write the tables
     python scripts/make_tables.py --check    # exit 1 if any committed table differs from a rebuild
+    python scripts/make_tables.py --records my.jsonl --out my_tables   # tables of your own records
+                                                                        # (the README is left alone)
 
 Inputs: results/records.jsonl (scripts/collect_results.py) and the table specifications in
 results/paper/*.yaml (the paper's tables) and results/local/*.yaml (our own checks, no paper
@@ -36,18 +38,20 @@ def readme_section(groups: list[tuple[str, list]], records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build(results_dir: Path, readme: Path) -> dict[Path, str]:
+def build(results_dir: Path, readme: Path | None, records_path: Path | None = None,
+          tables_dir: Path | None = None) -> dict[Path, str]:
     """Every output file and its content."""
-    records = load_records(results_dir / "records.jsonl")
+    records = load_records(records_path or results_dir / "records.jsonl")
+    tables_dir = tables_dir or results_dir / "tables"
     paper, local = load_specs(results_dir / "paper"), load_specs(results_dir / "local")
     names = [s.name for s in paper + local]
     if len(set(names)) != len(names):
         raise OPLError(f"table names must be unique across results/paper and results/local: {sorted(names)}")
     outputs = {}
     for spec in paper + local:
-        outputs[results_dir / "tables" / f"{spec.name}.md"] = table_markdown(spec, records)
-        outputs[results_dir / "tables" / f"{spec.name}.tex"] = table_latex(spec, records)
-    if readme.exists():
+        outputs[tables_dir / f"{spec.name}.md"] = table_markdown(spec, records)
+        outputs[tables_dir / f"{spec.name}.tex"] = table_latex(spec, records)
+    if readme is not None and readme.exists():
         text = readme.read_text()
         if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
             raise OPLError(f"{readme} must hold the markers {README_BEGIN!r} and {README_END!r} once each")
@@ -61,11 +65,16 @@ def build(results_dir: Path, readme: Path) -> dict[Path, str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", default=str(REPO_ROOT / "results"), help="folder with records.jsonl, paper/, local/")
-    parser.add_argument("--readme", default=str(REPO_ROOT / "README.md"), help="README whose results section is rebuilt")
+    parser.add_argument("--records", help="records file (default: <results>/records.jsonl)")
+    parser.add_argument("--out", help="folder for the tables (default: <results>/tables); the README is then "
+                                      "left alone unless --readme is given")
+    parser.add_argument("--readme", help="README whose results section is rebuilt (default: README.md)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if an output would change")
     args = parser.parse_args(argv)
+    readme = Path(args.readme) if args.readme else (None if args.out else REPO_ROOT / "README.md")
     try:
-        outputs = build(Path(args.results), Path(args.readme))
+        outputs = build(Path(args.results), readme, Path(args.records) if args.records else None,
+                        Path(args.out) if args.out else None)
     except OPLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

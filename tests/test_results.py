@@ -901,8 +901,9 @@ def test_one_seed_never_counts_twice_in_a_cell():
     twin = json.loads(json.dumps(first))
     twin["config"]["trainer"] = {"log_every": 7}  # another key, same selector and seed
     twin["run_key"] = run_key(twin["config"], twin["seed"], twin["data_variant"])
-    with pytest.raises(SpecError, match="same seed"):
+    with pytest.raises(RecordError, match="same seed 0") as err:
         cell_result(spec.cell("CE", "R56"), "final_epoch_test", [first, twin])
+    assert first["run_key"] in str(err.value) and twin["run_key"] in str(err.value)
 
 
 def test_integral_floats_share_a_run_key_and_zero_has_no_sign():

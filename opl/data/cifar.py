@@ -6,6 +6,7 @@ files are fetched through torchvision when missing; otherwise a missing folder i
 names the expected path and how to obtain it.
 """
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -68,14 +69,18 @@ def ensure_cifar(which: str, root: str | Path, download: bool) -> Path:
     return folder
 
 
-def read_cifar_batches(folder: Path, names: list[str], label_key: str) -> ImageTensors:
-    """Concatenate pickled batches (`data`: N x 3072 uint8 channel planes) into (N, 3, 32, 32)."""
+def read_cifar_batches(folder: Path, names: list[str], label_key: str, digest=None) -> ImageTensors:
+    """Concatenate pickled batches (`data`: N x 3072 uint8 channel planes) into (N, 3, 32, 32).
+    `digest` (a hashlib object), when given, is updated with each file's name and bytes."""
     images, labels = [], []
     for name in names:
         path = folder / name
         try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+            raw = path.read_bytes()
+            if digest is not None:
+                digest.update(f"{name} {len(raw)}\n".encode())
+                digest.update(raw)
+            entry = pickle.loads(raw, encoding="latin1")
             data = np.asarray(entry["data"], dtype=np.uint8)
             batch_labels = np.asarray(entry[label_key], dtype=np.int64)
         except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
@@ -89,15 +94,17 @@ def read_cifar_batches(folder: Path, names: list[str], label_key: str) -> ImageT
     return ImageTensors(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 
-def load_cifar(which: str, root: str | Path, download: bool = False) -> tuple[ImageTensors, ImageTensors]:
+def load_cifar(which: str, root: str | Path, download: bool = False) -> tuple[ImageTensors, ImageTensors, str]:
+    """(train, test, fingerprint): the fingerprint hashes the names and bytes of the files read."""
     layout = LAYOUT[which]
     folder = ensure_cifar(which, root, download)
-    train = read_cifar_batches(folder, layout["train"], layout["label_key"])
-    test = read_cifar_batches(folder, layout["test"], layout["label_key"])
+    digest = hashlib.sha256()
+    train = read_cifar_batches(folder, layout["train"], layout["label_key"], digest)
+    test = read_cifar_batches(folder, layout["test"], layout["label_key"], digest)
     for split in (train, test):
         if split.labels.min() < 0 or split.labels.max() >= layout["num_classes"]:
             raise DatasetNotFoundError(f"{folder}: labels outside 0..{layout['num_classes'] - 1}")
-    return train, test
+    return train, test, digest.hexdigest()[:16]
 
 
 def cifar(
@@ -118,6 +125,6 @@ def cifar(
         raise ValueError(f"unknown CIFAR variant {which!r}; choose from {sorted(LAYOUT)}")
     if num_classes != LAYOUT[which]["num_classes"]:
         raise ValueError(f"{which} has {LAYOUT[which]['num_classes']} classes, config says {num_classes}")
-    train, test = load_cifar(which, root, download)
+    train, test, fingerprint = load_cifar(which, root, download)
     return build_spec(which, f"{which}/original", num_classes, train, test, mean, std, augment,
-                      val_fraction, split_seed, limit_train, limit_test)
+                      val_fraction, split_seed, limit_train, limit_test, fingerprint=fingerprint)

@@ -131,8 +131,13 @@ class PacsImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with Image.open(self.image_root / self.paths[i]) as image:
-            return self.transform(image.convert("RGB")), int(self.labels[i])
+        path = self.image_root / self.paths[i]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL: unidentified or truncated image files
+            raise DatasetNotFoundError(f"{path}: unreadable image ({exc}); replace the file or fix its list") from exc
+        return self.transform(rgb), int(self.labels[i])
 
     def subset(self, index) -> "PacsImages":
         index = np.asarray(index, dtype=np.int64)

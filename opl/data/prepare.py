@@ -43,7 +43,7 @@ def build_spec(name: str, variant: str, num_classes: int, train: Split, test: Sp
                limit_train: int | None = None, limit_test: int | None = None, val: Split | None = None,
                fingerprint: str | None = None) -> DataSpec:
     """A dataset from its train and test (and own validation) splits, finalised (validation split,
-    subsets, variant)."""
+    subsets, variant). `fingerprint`: a short hash of what was read (`DataSpec.fingerprint`)."""
     spec = DataSpec(name=name, variant=variant, num_classes=num_classes, train=train, test=test, val=val,
                     mean=tuple(mean), std=tuple(std), augment=AugmentSpec(**(augment or {})), fingerprint=fingerprint)
     return finalize(spec, val_fraction, split_seed, limit_train, limit_test)

@@ -23,7 +23,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path} is corrupt or not a checkpoint of this project ({type(exc).__name__}: {exc})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # torch adds paragraphs of advice
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint of this project ({type(exc).__name__}: {first})") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} holds no 'model' state: not a checkpoint of this project")
     return state

@@ -194,6 +194,7 @@ class Trainer:
                                         iterations=cfg.epochs * len(self.train_loader))
 
         self.state = TrainState()
+        self.checkpoint_epoch = 0  # the epoch of the last checkpoint written or resumed: where a restart continues
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
         self.progress = Progress(cfg.progress if self.is_main else "silent")
 
@@ -243,6 +244,7 @@ class Trainer:
             "step_rng": self.training_step.rng_state(),
             "state": vars(self.state),
         }, self.last_checkpoint)
+        self.checkpoint_epoch = self.state.epoch
 
     def resume(self, path: str | Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
@@ -269,8 +271,7 @@ class Trainer:
         set_iteration(self.scheduler, self.state.epoch * len(self.train_loader))
         if self.whole_step is not None:  # new optimizer state tensors: record anew
             self.whole_step.reset()
-        if self.is_main:
-            self.metrics.truncate_after(self.state.epoch)
+        self.checkpoint_epoch = self.state.epoch
 
     def load_weights(self, path: str | Path) -> None:
         load_model_state(self.model, load_checkpoint(path, map_location=self.device)["model"], str(path))
@@ -279,8 +280,10 @@ class Trainer:
     def _check_finite(self, bad_step: torch.Tensor) -> None:
         step = int(bad_step)
         if step >= 0:
+            kept = (f"the last good checkpoint is {self.last_checkpoint}"
+                    if self.last_checkpoint.exists() else "no checkpoint had been written yet")
             raise NonFiniteLossError(step, f"the training loss became NaN/inf at step {step} (epoch {self.state.epoch + 1}); "
-                                     f"stopped without saving, the last good checkpoint is {self.last_checkpoint}")
+                                     f"stopped without saving, {kept}")
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict:
         """One optimisation step on a loader batch; returns the step's parts (on the device)."""
@@ -385,6 +388,10 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train from `state.epoch` to `cfg.epochs`; return the summary for results.json."""
+        # metrics.jsonl holds exactly the checkpointed epochs: lines a crash left after the last
+        # checkpoint (or before the first one) are dropped, never duplicated.
+        if self.is_main:
+            self.metrics.truncate_after(self.state.epoch)
         first_epoch_of_process = True
         # Per-epoch state of any part of the step (e.g. the truncated loss's weights).
         hooks = [m.before_epoch for m in self.training_step.modules() if callable(getattr(m, "before_epoch", None))]

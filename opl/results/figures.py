@@ -1,8 +1,10 @@
 """Figures from result records: accuracy vs a swept parameter, feature geometry and training curves.
 
 Specifications live in `results/figures.yaml` (a list; each item names its `file`, `kind`, `title`
-and the records it plots through the same selectors as the tables). Every point is a mean over
-seeds with a +-1 standard deviation bar or band, and the legend gives the number of seeds.
+and the records it plots through the same selectors as the tables). The runs behind each point are
+chosen as for a table cell (`select_runs`: the latest run of a key, one run per seed, one dataset).
+Every point is a mean over seeds with a +-1 standard deviation bar or band, and the legend gives the
+number of seeds.
 """
 
 from collections import defaultdict
@@ -14,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from opl.results.records import flatten  # noqa: E402
+from opl.results.records import flatten, select_runs  # noqa: E402
 from opl.results.stats import summarize  # noqa: E402
 from opl.results.tables import Selector, SpecError, metric_value  # noqa: E402
 
@@ -60,18 +62,21 @@ def sweep_points(records: list[dict], selector: Selector, parameter: str, metric
         other = {k: v for k, v in r["overrides"].items() if k != parameter}
         if r["experiment"] == selector.experiment and r["data_variant"] == selector.data_variant and other == selector.overrides:
             value = flatten(r["config"]).get(parameter)
-            if value is not None and _final(r, metric) is not None:
-                by_value[value].append(_final(r, metric))
+            if value is not None:
+                by_value[value].append(r)
     points = []
     for value in sorted(by_value):
-        s = summarize(by_value[value])
-        points.append((value, s.mean, s.std or 0.0, s.n))
+        runs = select_runs(by_value[value], f"{selector.experiment} at {parameter}={value}")
+        values = [_final(r, metric) for r in runs if _final(r, metric) is not None]
+        if values:
+            s = summarize(values)
+            points.append((value, s.mean, s.std or 0.0, s.n))
     return points
 
 
 def history_band(records: list[dict], selector: Selector, key: str) -> tuple[list, list, list, int]:
     """Epochs, mean and std over seeds of a per-epoch history value (epochs every run evaluated)."""
-    runs = [r for r in records if selector.matches(r)]
+    runs = selector.select(records, f"{selector.experiment} ({key} curve)")
     per_epoch = defaultdict(list)
     for r in runs:
         for row in r["history"]:
@@ -107,7 +112,8 @@ def draw(spec: dict, records: list[dict]):
                 drawn = True
         if spec.get("baseline"):
             label, selector = spec["baseline"]
-            values = [_final(r, metric) for r in records if selector.matches(r) and _final(r, metric) is not None]
+            values = [_final(r, metric) for r in selector.select(records, f"{label} baseline")
+                      if _final(r, metric) is not None]
             if values:
                 s = summarize(values)
                 ax.axhline(s.mean, color="grey", linestyle="--", label=f"{label} (n={s.n})")

@@ -1,9 +1,15 @@
 """Self-describing result records: one JSON line per finished run in `results/records.jsonl`.
 
-A record carries what produced its numbers (the experiment configuration, seed, data variant, code
-commit, device) and is identified by a run key hashed from the configuration, the seed and the
-data variant, so the same run collected twice is one record and runs on different data never
-share a key.
+A record carries what produced its numbers (the experiment configuration, seed, data variant and
+fingerprint, code commit, device) and is identified by a run key hashed from the configuration, the
+seed and the data variant, so the same run collected twice is one record and runs on different data
+never share a key.
+
+The key is stable under additions that change nothing: the configuration's `neutral` node lists
+option values that mean "not used" (`label_noise: {kind: none}`, the standard training step, the
+default evaluator). A field equal to its neutral entry is left out of the key, and so is a node left
+empty, so a run keys the same before and after such a group exists. The node travels inside every
+run's configuration, so each record can be re-keyed on its own.
 """
 
 import hashlib
@@ -53,10 +59,37 @@ def _canonical(value):
     return value
 
 
+NEUTRAL_NODE = "neutral"
+
+
+def _prune(node: dict, neutral: dict) -> dict:
+    out = dict(node)
+    for key, default in neutral.items():
+        if key not in out:
+            continue
+        if isinstance(default, dict) and isinstance(out[key], dict):
+            rest = _prune(out[key], default)
+            if rest:
+                out[key] = rest
+            else:
+                del out[key]
+        elif _canonical(out[key]) == _canonical(default):
+            del out[key]
+    return out
+
+
+def keyed_config(experiment_config: dict) -> dict:
+    """The configuration a run is identified by: without the `neutral` node, every field equal to
+    its neutral entry, and every node that leaves empty."""
+    config = dict(experiment_config)
+    neutral = config.pop(NEUTRAL_NODE, None)
+    return _prune(config, neutral) if isinstance(neutral, dict) else config
+
+
 def run_key(experiment_config: dict, seed: int, data_variant: str) -> str:
     """16 hex digits identifying what determined a run's numbers."""
-    canonical = json.dumps(_canonical({"config": experiment_config, "seed": seed, "data_variant": data_variant}),
-                           sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(_canonical({"config": keyed_config(experiment_config), "seed": seed,
+                                       "data_variant": data_variant}), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -79,9 +112,13 @@ def config_overrides(run_config: dict, experiment_default: dict) -> dict:
 def read_history(metrics_jsonl: Path) -> list[dict]:
     """The evaluated epochs of a run's metrics.jsonl, reduced to the keys the figures use."""
     history = []
-    for line in metrics_jsonl.read_text().splitlines():
+    for number, line in enumerate(metrics_jsonl.read_text().splitlines(), start=1):
         if line.strip():
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{metrics_jsonl}:{number}: not valid JSON ({exc.msg}); resume the run "
+                                  "(python train.py with its command) to repair it, or delete that line") from exc
             if "test_top1" in row:
                 history.append({k: row[k] for k in HISTORY_KEYS if k in row})
     return history
@@ -97,6 +134,7 @@ def make_record(results: dict, overrides: dict, history: list[dict]) -> dict:
         "experiment": results.get("name"),
         "seed": results.get("seed"),
         "data_variant": results.get("data_variant"),
+        "data_fingerprint": results.get("data_fingerprint"),
         "data_notes": results.get("data_notes", {}),
         "overrides": overrides,
         "metrics": {p: results.get("metrics", {}).get(p) for p in PROTOCOLS},
@@ -135,6 +173,8 @@ def validate_record(record, where: str) -> None:
             fail(f"missing field {field!r}")
         if not isinstance(record[field], kind) or (kind is int and isinstance(record[field], bool)):
             fail(f"field {field!r} must be {kind.__name__}, got {type(record[field]).__name__}")
+    if not isinstance(record.get("data_fingerprint"), (str, type(None))):
+        fail(f"field 'data_fingerprint' must be str or null, got {type(record['data_fingerprint']).__name__}")
     final = record["metrics"].get("final_epoch_test")
     if not isinstance(final, dict):
         fail("metrics.final_epoch_test is missing: the run never evaluated on the test set")
@@ -170,6 +210,37 @@ def load_records(path: str | Path) -> list[dict]:
         duplicated = sorted({k for k in keys if keys.count(k) > 1})
         raise RecordError(f"{path}: run keys appear more than once: {', '.join(duplicated)}")
     return records
+
+
+def describe_run(record: dict) -> str:
+    overrides = ", ".join(f"{k}={v}" for k, v in record.get("overrides", {}).items()) or "no overrides"
+    commit = ((record.get("code") or {}).get("commit") or "unknown")[:10]
+    return (f"run {record['run_key']} ({record['experiment']}, seed {record['seed']}, {overrides}, "
+            f"finished {record['finished_at']}, commit {commit})")
+
+
+def select_runs(records, where: str) -> list[dict]:
+    """The runs behind one table cell or figure point, from the records that match it: the latest
+    record of each run key, sorted by seed. Two runs with the same seed (one seed would count
+    twice) or runs on different data (fingerprints) are an error naming both runs."""
+    latest = {}
+    for record in records:
+        old = latest.get(record["run_key"])
+        if old is None or record["finished_at"] > old["finished_at"]:
+            latest[record["run_key"]] = record
+    chosen = sorted(latest.values(), key=lambda r: (r["seed"], r["run_key"]))
+    for a, b in zip(chosen, chosen[1:]):
+        if a["seed"] == b["seed"]:
+            raise RecordError(f"{where}: two runs with the same seed {a['seed']}, {describe_run(a)} and "
+                              f"{describe_run(b)}: one seed would count twice. Remove the stale one from the "
+                              "records file (collect_results.py keeps one record per run key)")
+    with_data = [r for r in chosen if r.get("data_fingerprint")]
+    for r in with_data[1:]:
+        if r["data_fingerprint"] != with_data[0]["data_fingerprint"]:
+            raise RecordError(f"{where}: {describe_run(with_data[0])} and {describe_run(r)} read different data "
+                              f"(fingerprints {with_data[0]['data_fingerprint']} and {r['data_fingerprint']}) under "
+                              "one data variant; they cannot be averaged")
+    return chosen
 
 
 def merge_records(existing: list[dict], new: list[dict]) -> tuple[list[dict], dict]:

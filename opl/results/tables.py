@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from opl.errors import OPLError
-from opl.results.records import PROTOCOL_NAMES, PROTOCOLS
+from opl.results.records import PROTOCOL_NAMES, PROTOCOLS, select_runs
 from opl.results.stats import TOO_FEW_RUNS, Interval, Summary, mean_minus_constant, summarize, welch_difference
 
 DASH = "—"
@@ -37,6 +37,10 @@ class Selector:
     def matches(self, record: dict) -> bool:
         return (record["experiment"] == self.experiment and record["data_variant"] == self.data_variant
                 and record["overrides"] == self.overrides)
+
+    def select(self, records: list[dict], where: str) -> list[dict]:
+        """The runs this selector names (`select_runs`: latest per run key, one per seed, one dataset)."""
+        return select_runs([r for r in records if self.matches(r)], where)
 
 
 @dataclass(frozen=True)
@@ -195,13 +199,8 @@ class CellResult:
 
 
 def cell_result(cell: Cell, protocol: str, records: list[dict]) -> CellResult:
-    chosen = [r for r in records if cell.ours is not None and cell.ours.matches(r)]
+    chosen = cell.ours.select(records, f"cell ({cell.row!r}, {cell.column!r})") if cell.ours is not None else []
     chosen = [r for r in chosen if metric_value(r, protocol, cell.metric) is not None]
-    chosen.sort(key=lambda r: (r["seed"], r["run_key"]))
-    seeds = [r["seed"] for r in chosen]
-    if len(set(seeds)) != len(seeds):
-        raise SpecError(f"cell ({cell.row!r}, {cell.column!r}) matches two records with the same seed "
-                        f"({', '.join(r['run_key'] for r in chosen)}): one seed would count twice")
     if not chosen:
         return CellResult(cell, protocol, (), None, None)
     values = [metric_value(r, protocol, cell.metric) for r in chosen]
