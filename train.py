@@ -216,7 +216,7 @@ class Job:
         hc = HydraConfig.get()
         return cls(Path(hc.runtime.output_dir), list(hc.job.config.override_dirname.exclude_keys),
                    hc.mode == RunMode.MULTIRUN, shlex.join(["python", "train.py", *hc.overrides.task]),
-                   hc.job.num, DistributedContext.from_env())
+                   hc.job.get("num") or 0, DistributedContext.from_env())
 
 
 def shown(path: Path) -> Path:
