@@ -47,7 +47,7 @@ def test_tiny_cpu_run_reports_three_configs_and_consistent_ratios(tmp_path):
     a, b, c = (configs[k]["images_per_s"] for k in ("ours", "ours_ce", "reference"))
     assert result["speedup_vs_reference"] == pytest.approx(a / c, rel=1e-12)
     assert result["opl_overhead"] == pytest.approx(1.0 - a / b, rel=1e-12, abs=1e-12)
-    estimate = result["estimate_200_epochs"]
+    estimate = result["estimate_full_run"]
     assert estimate["images_per_epoch"] == 45_000  # the last, smaller batch is kept
     assert estimate["seconds"] == pytest.approx(200 * estimate["images_per_epoch"] / a + configs["ours"]["warmup_s"])
     assert "ESTIMATE" in estimate["note"] and "evaluation" in estimate["note"]
@@ -72,7 +72,7 @@ def test_invalid_argument_exits_nonzero_with_message():
 @pytest.mark.parametrize("argv, message", [
     (["--warmup-steps", "-1"], "--warmup-steps"),
     (["--batch-size", "1"], "OPL compares pairs"),
-    (["--model", "resnet18"], "invalid choice"),
+    (["--model", "resnet18"], "is not a model of --recipe cifar100"),
     (["--configs", "a,x"], "unknown configuration"),
     (["--images", "8", "--batch-size", "16"], "at least one batch"),
     (["--ref-workers", "-1"], "--ref-workers"),
@@ -99,3 +99,24 @@ def test_main_on_real_cifar100_through_the_experiment_split(bench_script, cifar1
     assert result["data"]["variant"].startswith("cifar100/original|val=0.1@0")
     assert result["configs"]["ours"]["images_per_s"] > 0
     assert result["speedup_vs_reference"] is None and result["opl_overhead"] is None
+
+
+def test_imagenet_mode_on_a_jpeg_tree_reports_the_data_path(bench_script, cifar10_jpg_format_root, capsys):
+    """--recipe imagenet: timm ResNet-18 at 224 px, the three configurations on JPEGs read from disk
+    (ours through the folder dataset, c through torchvision's ImageFolder), and the data path alone."""
+    result = bench_script.main(["--recipe", "imagenet", "--model", "resnet18", "--device", "cpu", "--batch-size", "2",
+                                "--steps", "1", "--warmup-steps", "0", "--ref-workers", "0", "--workers", "0",
+                                "--images", "8", "--data-root", str(cifar10_jpg_format_root)])
+    assert result["recipe"]["model"] == "resnet18" and result["data"]["num_classes"] == 10
+    assert result["data"]["variant"].startswith("imagenet/folder|size=224|resize=256|train=8@0")
+    assert {c["settings"]["experiment"] for c in result["configs"].values()} == {"imagenet_r18_opl", "imagenet_r18_ce"}
+    assert result["configs"]["reference"]["settings"]["loader"] == "DataLoader(Subset, torchvision PIL transforms)"
+    assert result["data_path"]["images_per_s"] > 0 and result["data_path"]["workers"] == 0
+    estimate = result["estimate_full_run"]
+    assert (estimate["epochs"], estimate["images_per_epoch"]) == (90, 1_281_167)
+
+
+def test_imagenet_mode_refuses_a_cifar_model(bench_script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_script.parse_args(["--recipe", "imagenet", "--model", "resnet56"])
+    assert exit_info.value.code == 2 and "resnet18, resnet50, resnet50d" in capsys.readouterr().err
