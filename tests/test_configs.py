@@ -79,6 +79,29 @@ def test_sweeps_compose():
         assert cfg.hydra.sweeper.params[key] == values
 
 
+def shrink_fewshot(cfg, tmp_path, cifar100_root, cifar10_jpg_format_root) -> None:
+    """Few-shot experiments on fixture data: RFS-layout files with few classes (miniImageNet,
+    tieredImageNet), CIFAR-FS / FC100 built from the real partial CIFAR-100, the class-folder
+    check on a tiny JPEG tree; a narrow ResNet-12 and two 1-shot 1-query episodes per pool."""
+    from fewshot_fixtures import SMALL_COUNTS, write_mini, write_tiered
+
+    ds = cfg.dataset
+    if ds._target_ == "opl.data.fewshot.fewshot":
+        ds.images_per_class = None
+        if ds.name in ("cifar_fs", "fc100"):
+            ds.source, ds.root = "cifar100", str(cifar100_root)
+        else:
+            ds.root = str({"mini_imagenet": write_mini, "tiered_imagenet": write_tiered}[ds.name](tmp_path / ds.name))
+            ds.num_classes, ds.classes = SMALL_COUNTS["num_classes"], SMALL_COUNTS["classes"]
+    else:
+        ds.root = str(cifar10_jpg_format_root)
+        ds.base_classes, ds.novel_classes = [f"class{c}" for c in range(6)], [f"class{c}" for c in range(6, 10)]
+        ds.base_train_per_class = ds.base_test_per_class = ds.novel_per_class = None
+    cfg.model.widths = [8, 16, 16, 32]
+    cfg.evaluators.episodes.shots, cfg.evaluators.episodes.n_query = [1], 1
+    cfg.evaluators.episodes.n_episodes, cfg.evaluators.episodes.support_views = 2, 1
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar100_root, cifar10_format_root,
                                                         cifar10_jpg_format_root):
@@ -91,7 +114,10 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
     adversarial = "robust" in cfg.evaluators
     if adversarial:  # the recipe's PGD-10 / PGD-20 on CPU would dominate the suite
         cfg.method.steps = cfg.evaluators.robust.steps = 1
-    if "root" in cfg.dataset:
+    fewshot = cfg.evaluators.get("episodes") is not None
+    if fewshot:
+        shrink_fewshot(cfg, tmp_path, cifar100_root, cifar10_jpg_format_root)
+    elif "root" in cfg.dataset:
         cfg.dataset.root = str(roots[cfg.dataset._target_](cfg.dataset))
         if "download" in cfg.dataset:
             cfg.dataset.download = False
@@ -102,6 +128,10 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
     assert summary["final_epoch_test"]["loss"] > 0
     if adversarial:
         assert 0.0 <= summary["final_epoch_test"]["adv_top1"] <= summary["final_epoch_test"]["top1"] + 100.0 / 16
+    if fewshot:
+        key = f"{cfg.evaluators.episodes.n_way}w1s_"
+        assert 0.0 <= summary["final_epoch_test"][key + "acc"] <= 100.0
+        assert summary["final_epoch_test"][key + "episodes"] == 2
 
 
 def test_every_table_and_figure_selector_names_an_existing_experiment():
