@@ -17,8 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from opl.engine.distributed import DistributedContext  # noqa: E402
 from opl.eval.fewshot_evaluator import EpisodeEvaluator  # noqa: E402
-from fewshot_fixtures import colour_benchmark  # noqa: E402
-from test_fewshot_evaluator import make_trainer  # noqa: E402
+from fewshot_fixtures import colour_benchmark, make_trainer  # noqa: E402
 
 
 def evaluate(run_dir: Path) -> dict:

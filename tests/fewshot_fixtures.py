@@ -2,12 +2,17 @@
 miniImageNet / tieredImageNet file layouts with few classes, and small in-memory benchmarks whose
 classes differ in colour (so a network tells them apart)."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from opl.data.base import AugmentSpec, DataSpec, ImageTensors
+from opl.engine.trainer import Trainer, TrainerConfig
+from opl.losses import ClassificationLoss
+from opl.methods import StandardStep
+from opl.models import ResNet12
 from conftest import write_pickle
 
 MINI_LAYOUT = {"train_phase_train": range(0, 4), "train_phase_val": range(0, 4), "train_phase_test": range(0, 4),
@@ -59,3 +64,20 @@ def colour_benchmark(base: int = 4, novel: int = 6, per_class: int = 8, size: in
     return DataSpec(name="colours", variant="colours", num_classes=base, train=split(0, base, 1),
                     test=split(0, base, 2), val=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), augment=augment,
                     episode_pools={"val": split(base, novel, 3), "test": split(base + novel, novel, 4)})
+
+
+SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
+TINY = dict(widths=(8, 16, 16, 32), dropblock_size=2)
+
+
+def tiny_model(num_classes=4, seed=0, **kw):
+    torch.manual_seed(seed)
+    return ResNet12(num_classes, **{**TINY, **kw})
+
+
+def make_trainer(run_dir, data, evaluators, criterion=None, epochs=1, seed=0, **cfg):
+    step = StandardStep(tiny_model(data.num_classes, seed), criterion or ClassificationLoss())
+    config = TrainerConfig(**{"epochs": epochs, "batch_size": 8, "eval_batch_size": 16, "device": "cpu",
+                              "num_workers": 0, "progress": "line", "channels_last": False, **cfg})
+    return Trainer(config, step, data, SGD, {"kind": "multistep", "milestones": []}, run_dir, seed=seed,
+                   evaluators=evaluators)

@@ -4,7 +4,6 @@ episodes across runs and methods, the same numbers on two data-parallel processe
 counter over training and resume, the class-folder few-shot builder, the experiments' recipes,
 and few-shot cells in records and tables."""
 
-import functools
 import json
 import os
 import subprocess
@@ -21,39 +20,18 @@ from scipy import stats
 from sklearn.linear_model import LogisticRegression
 
 import train
-from fewshot_fixtures import SMALL_COUNTS, colour_benchmark, write_mini
+from fewshot_fixtures import SMALL_COUNTS, colour_benchmark, make_trainer, tiny_model, write_mini
 from opl.data.augment import BatchAugment
 from opl.data.fewshot_folders import fewshot_folders
 from opl.engine.evaluate import ClassificationEvaluator
-from opl.engine.trainer import Trainer, TrainerConfig
 from opl.errors import ConfigError, DatasetNotFoundError
 from opl.eval.fewshot import sample_episodes
 from opl.eval.fewshot_evaluator import EpisodeEvaluator, embed, view_params
-from opl.losses import ClassificationLoss, ce_plus_opl
-from opl.methods import StandardStep
-from opl.models import ResNet12
 from opl.results.records import make_record
 from opl.results.tables import cell_result, load_specs, parse_spec, table_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
-TINY = dict(widths=(8, 16, 16, 32), dropblock_size=2)
-
-
-def tiny_model(num_classes=4, seed=0, **kw):
-    torch.manual_seed(seed)
-    return ResNet12(num_classes, **{**TINY, **kw})
-
-
-def make_trainer(run_dir, data, evaluators, criterion=None, epochs=1, seed=0, **cfg):
-    step = StandardStep(tiny_model(data.num_classes, seed), criterion or ClassificationLoss())
-    config = TrainerConfig(**{"epochs": epochs, "batch_size": 8, "eval_batch_size": 16, "device": "cpu",
-                              "num_workers": 0, "progress": "line", "channels_last": False, **cfg})
-    return Trainer(config, step, data, SGD, {"kind": "multistep", "milestones": []}, run_dir, seed=seed,
-                   evaluators=evaluators)
-
-
 # ====================================================================== the evaluator's numbers
 def test_cached_features_equal_rfs_per_episode_loop(tmp_path):
     """RFS embeds each episode's images and fits scikit-learn's LR per episode; the evaluator embeds
