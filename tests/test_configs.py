@@ -105,6 +105,29 @@ def test_sweeps_compose():
         assert cfg.hydra.sweeper.params[key] == values
 
 
+def shrink_fewshot(cfg, tmp_path, cifar100_root, cifar10_jpg_format_root) -> None:
+    """Few-shot experiments on fixture data: RFS-layout files with few classes (miniImageNet,
+    tieredImageNet), CIFAR-FS / FC100 built from the real partial CIFAR-100, the class-folder
+    check on a tiny JPEG tree; a narrow ResNet-12 and two 1-shot 1-query episodes per pool."""
+    from fewshot_fixtures import SMALL_COUNTS, write_mini, write_tiered
+
+    ds = cfg.dataset
+    if ds._target_ == "opl.data.fewshot.fewshot":
+        ds.images_per_class = None
+        if ds.name in ("cifar_fs", "fc100"):
+            ds.source, ds.root = "cifar100", str(cifar100_root)
+        else:
+            ds.root = str({"mini_imagenet": write_mini, "tiered_imagenet": write_tiered}[ds.name](tmp_path / ds.name))
+            ds.num_classes, ds.classes = SMALL_COUNTS["num_classes"], SMALL_COUNTS["classes"]
+    else:
+        ds.root = str(cifar10_jpg_format_root)
+        ds.base_classes, ds.novel_classes = [f"class{c}" for c in range(6)], [f"class{c}" for c in range(6, 10)]
+        ds.base_train_per_class = ds.base_test_per_class = ds.novel_per_class = None
+    cfg.model.widths = [8, 16, 16, 32]
+    cfg.evaluators.episodes.shots, cfg.evaluators.episodes.n_query = [1], 1
+    cfg.evaluators.episodes.n_episodes, cfg.evaluators.episodes.support_views = 2, 1
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar100_root, cifar10_format_root,
                                                         cifar10_jpg_format_root):
@@ -119,7 +142,10 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
         cfg.method.steps = cfg.evaluators.robust.steps = 1
     if cfg.model._target_ == "opl.models.wrn34_10":  # 20 s per CPU step: a WRN-10-1 of the same code instead
         cfg.model = {"_target_": "opl.models.wide_resnet", "depth": 10, "widen_factor": 1, "num_classes": cfg.model.num_classes}
-    if cfg.dataset._target_ == "opl.data.folders.image_folder":  # ImageNet recipes on a small class-folder tree
+    fewshot = cfg.evaluators.get("episodes") is not None
+    if fewshot:
+        shrink_fewshot(cfg, tmp_path, cifar100_root, cifar10_jpg_format_root)
+    elif cfg.dataset._target_ == "opl.data.folders.image_folder":  # ImageNet recipes on a small class-folder tree
         cfg.dataset.update(root=str(cifar10_jpg_format_root), classes=None, num_classes=10, test_split="test",
                            image_size=32)
     elif "root" in cfg.dataset:
@@ -133,6 +159,10 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
     assert summary["final_epoch_test"]["loss"] > 0
     if adversarial:
         assert 0.0 <= summary["final_epoch_test"]["adv_top1"] <= summary["final_epoch_test"]["top1"] + 100.0 / 16
+    if fewshot:
+        key = f"{cfg.evaluators.episodes.n_way}w1s_"
+        assert 0.0 <= summary["final_epoch_test"][key + "acc"] <= 100.0
+        assert summary["final_epoch_test"][key + "episodes"] == 2
 
 
 def test_imagenet_recipes():

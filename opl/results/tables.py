@@ -19,7 +19,7 @@ from opl.results.stats import TOO_FEW_RUNS, Interval, Summary, mean_minus_consta
 DASH = "—"
 SPEC_KEYS = {"title", "source", "metric", "units", "decimals", "protocols", "paper_protocol", "status", "notes",
              "cells", "comparisons"}
-CELL_KEYS = {"row", "column", "paper", "paper_pm", "metric", "decimals", "ours"}
+CELL_KEYS = {"row", "column", "paper", "paper_pm", "metric", "pm_metric", "decimals", "ours"}
 SELECTOR_KEYS = {"experiment", "data_variant", "overrides"}
 COMPARISON_KEYS = {"label", "column", "treatment", "baseline"}
 
@@ -52,6 +52,9 @@ class Cell:
     paper_pm: float | None
     ours: Selector | None
     decimals: int | None = None  # overrides the table's, e.g. 3 for cosines in a table of percentages
+    # A per-run uncertainty shown beside ours, like the paper's ± (e.g. "5w1s_ci95", the 95 % interval
+    # over episodes of each run's few-shot accuracy; its mean over the cell's runs is shown).
+    pm_metric: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,13 @@ def parse_spec(name: str, data) -> TableSpec:
             _unknown(ours, SELECTOR_KEYS, cw)
             ours = Selector(_require(ours, "experiment", cw, str), _require(ours, "data_variant", cw, str),
                             dict(ours.get("overrides") or {}))
+        pm_metric = raw.get("pm_metric")
+        if pm_metric is not None and not isinstance(pm_metric, str):
+            raise SpecError(f"{cw}: 'pm_metric' must be a metric name, got {pm_metric!r}")
         cells.append(Cell(str(_require(raw, "row", cw)), str(_require(raw, "column", cw)), raw.get("metric", metric),
                           _number_or_none(raw.get("paper"), "paper", cw),
                           _number_or_none(raw.get("paper_pm"), "paper_pm", cw), ours,
-                          _decimals_or_none(raw.get("decimals"), cw)))
+                          _decimals_or_none(raw.get("decimals"), cw), pm_metric))
     seen = set()
     for cell in cells:
         if (cell.row, cell.column) in seen:
@@ -245,6 +251,14 @@ def format_summary(summary: Summary | None, decimals: int) -> str:
     return f"{_fmt(summary.mean, decimals)} ± {spread} (n={summary.n})"
 
 
+def format_ours(result: CellResult, decimals: int) -> str:
+    """Mean ± std over runs (n); with a pm_metric, also the mean of the runs' own ± (e.g. over episodes)."""
+    text = format_summary(result.summary, decimals)
+    pm = [metric_value(r, result.protocol, result.cell.pm_metric) for r in result.records] if result.cell.pm_metric else []
+    pm = [v for v in pm if v is not None]
+    return text + (f"; within-run ± {_fmt(sum(pm) / len(pm), decimals)}" if pm else "")
+
+
 def format_interval(interval: Interval | None, decimals: int) -> str:
     if interval is None:
         return DASH
@@ -295,7 +309,7 @@ def cell_rows(spec: TableSpec, records: list[dict]) -> list[list[str]]:
             result = cell_result(cell, protocol, records)
             variant = cell.ours.data_variant if cell.ours else DASH
             rows.append([cell.row, cell.column, PROTOCOL_NAMES[protocol], format_paper(cell, decimals),
-                         format_summary(result.summary, decimals),
+                         format_ours(result, decimals),
                          format_interval(result.vs_paper, decimals), format_verdict(result.vs_paper),
                          variant, _run_keys(result.records)])
     return rows
