@@ -70,6 +70,15 @@ def stepped_after_each_epoch(lr: float, milestones: list[int], epochs: int, iter
     return lrs
 
 
+def rfs_adjust_learning_rate(lr: float, decay_epochs: list[int], epochs: int, iters: int) -> list[float]:
+    """WangYueFt/rfs util.py adjust_learning_rate, called before each 1-based epoch of
+    train_supervised.py: steps = np.sum(epoch > np.asarray(lr_decay_epochs)), lr x 0.1 ** steps."""
+    lrs = []
+    for epoch in range(1, epochs + 1):
+        lrs += [lr * 0.1 ** int(np.sum(epoch > np.asarray(decay_epochs)))] * iters
+    return lrs
+
+
 def adjust_learning_rate(lr: float, epochs: int, iters: int) -> list[float]:
     """TRADES train_trades_cifar10.py and MART train_resnet.py / train_wideresnet.py: for epoch in
     1..epochs, before training: lr x0.1 if epoch >= 75, x0.01 if >= 90, x0.001 if >= 100."""
@@ -94,6 +103,15 @@ AUTHORS_CIFAR = lambda: authors_cifar(AUTHORS_CIFAR_ITERS)  # noqa: E731
 NOISE_C10 = lambda: stepped_after_each_epoch(0.01, [40, 80], 120, FULL_TRAIN_ITERS)  # noqa: E731
 NOISE_C100 = lambda: stepped_after_each_epoch(0.01, [80, 120], 150, FULL_TRAIN_ITERS)  # noqa: E731
 IMAGENET_TRAIN = 1_281_167
+# Base-class training images of the few-shot benchmarks (600 per class; tieredImageNet's count as
+# released), batch 64 with drop_last as RFS's loader.
+FEWSHOT_TRAIN = {"mini_imagenet": 38_400, "tiered_imagenet": 448_695, "cifar_fs": 38_400, "fc100": 36_000,
+                 "cifar10_fewshot_cpu": 3_000}
+RFS_MINI = lambda: rfs_adjust_learning_rate(0.05, [60, 80], 100, 38_400 // 64)  # noqa: E731
+RFS_TIERED = lambda: rfs_adjust_learning_rate(0.05, [30, 40, 50], 60, 448_695 // 64)  # noqa: E731
+RFS_CIFARFS = lambda: rfs_adjust_learning_rate(0.05, [45, 60, 75], 90, 38_400 // 64)  # noqa: E731
+RFS_FC100 = lambda: rfs_adjust_learning_rate(0.05, [45, 60, 75], 90, 36_000 // 64)  # noqa: E731
+RFS_RULE_CPU = lambda: rfs_adjust_learning_rate(0.05, [12, 16], 20, 3_000 // 64)  # noqa: E731 (RFS's rule, our CPU check)
 # torchvision's reference at the experiments' global batch 1,024 and LR 0.4 (0.1 per 256; docs/deviations.md).
 IMAGENET = lambda: stepped_after_each_epoch(0.4, [30, 60], 90, math.ceil(IMAGENET_TRAIN / 1024))  # noqa: E731
 ADVERSARIAL_OURS = lambda: adjust_learning_rate(0.1, 100, FULL_TRAIN_ITERS)  # noqa: E731 (their rule, our 100 epochs)
@@ -109,15 +127,21 @@ REFERENCE = {
     **{f"cifar10_{m}_r18_ref{o}": MART_R18 for m in ("pgd_at", "mart") for o in ("", "_opl")},
     "cifar10_mart_wrn_ref": MART_WRN,
     **{f"imagenet_{a}_{m}": IMAGENET for a in ("r18", "r50", "r50d") for m in ("ce", "opl")},
+    **{f"fewshot_{d}_{m}": ref for d, ref in (("mini", RFS_MINI), ("tiered", RFS_TIERED), ("cifarfs", RFS_CIFARFS),
+                                               ("fc100", RFS_FC100)) for m in ("rfs", "rfs_opl")},
+    "fewshot_cifar10_cpu_ce": RFS_RULE_CPU, "fewshot_cifar10_cpu_opl": RFS_RULE_CPU,
 }
 # Our own schedules (no reference to match): the CPU-sized checks and the digits demo use a cosine.
-OURS = {name for name in EXPERIMENTS if name.startswith(("digits_", "cifar10_jpg_cpu_", "imagefolder_cpu_"))}
+OURS = {name for name in EXPERIMENTS
+        if name.startswith(("digits_", "cifar10_jpg_cpu_", "imagefolder_cpu_"))}
 
 
 def ours(name: str) -> tuple[list[float], int]:
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={name}"])
-    n_train = round((IMAGENET_TRAIN if cfg.dataset.get("name") == "imagenet" else 50_000) * (1 - cfg.dataset.val_fraction))
+    name = cfg.dataset.get("name")
+    n_train = round((IMAGENET_TRAIN if name == "imagenet" else FEWSHOT_TRAIN.get(name, 50_000))
+                    * (1 - cfg.dataset.get("val_fraction", 0.0)))
     batch, epochs, lr = cfg.trainer.batch_size, cfg.trainer.epochs, cfg.optim.lr
     iters = n_train // batch if cfg.trainer.drop_last else math.ceil(n_train / batch)
     factor = lr_factor(iters_per_epoch=iters, epochs=epochs, **OmegaConf.to_container(cfg.sched))
