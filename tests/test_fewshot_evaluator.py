@@ -260,7 +260,8 @@ def test_fewshot_experiments_pin_the_rfs_recipes():
     assert mini.model._target_ == "opl.models.resnet12" and mini.model.dropblock_size == 5
     assert list(mini.model.widths) == [64, 160, 320, 640] and mini.model.dropblock_mask == "rfs"
     assert (mini.optim.lr, mini.optim.momentum, mini.optim.weight_decay) == (0.05, 0.9, 5e-4)
-    assert (mini.trainer.epochs, list(mini.sched.milestones), mini.sched.gamma) == (100, [60, 80], 0.1)
+    # RFS decays after epochs 60 and 80: 61 and 81 are the first decayed epochs (opl/engine/schedule.py)
+    assert (mini.trainer.epochs, list(mini.sched.milestones), mini.sched.gamma) == (100, [61, 81], 0.1)
     assert (mini.trainer.batch_size, mini.trainer.drop_last, mini.sched.warmup_epochs) == (64, True, 0)
     assert OmegaConf.to_container(mini.dataset.augment) == {
         "crop_padding": 8, "hflip": True, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4}
@@ -269,8 +270,8 @@ def test_fewshot_experiments_pin_the_rfs_recipes():
     assert (episodes.support_views, episodes.feature_source, list(episodes.pools)) == (5, "features", ["val", "test"])
     assert mini.loss._target_ == "opl.losses.ClassificationLoss"
     for name, dataset, epochs, milestones, block in (
-            ("tiered", "tiered_imagenet", 60, [30, 40, 50], 5), ("cifarfs", "cifar_fs", 90, [45, 60, 75], 2),
-            ("fc100", "fc100", 90, [45, 60, 75], 2)):
+            ("tiered", "tiered_imagenet", 60, [31, 41, 51], 5), ("cifarfs", "cifar_fs", 90, [46, 61, 76], 2),
+            ("fc100", "fc100", 90, [46, 61, 76], 2)):
         cfg = compose_experiment(f"fewshot_{name}_rfs")
         assert (cfg.dataset.name, cfg.trainer.epochs, list(cfg.sched.milestones)) == (dataset, epochs, milestones)
         assert cfg.model.dropblock_size == block and cfg.trainer.batch_size == 64

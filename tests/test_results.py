@@ -742,9 +742,10 @@ def test_make_tables_matches_stored_expected_files(fixture_results, capsys):
     assert text.startswith("# Fixture README\n\nIntro.\n\n" + README_BEGIN)
     assert text.endswith(README_END + "\n\nAfter.\n")
     assert "stale" not in text
-    # Local checks come first, then the paper's tables.
-    assert text.index("### Our own checks") < text.index("#### Fixture: digits demo") < \
-        text.index("### The paper's tables") < text.index("#### Fixture: CIFAR-100 demo table")
+    # Local checks come first, then the paper's tables; links lead from the README to the tables.
+    assert text.index("## Our own checks") < text.index("### Fixture: digits demo") < \
+        text.index("## The paper's tables") < text.index("### Fixture: CIFAR-100 demo table")
+    assert "](results/tables/digits_demo.md)" in text
 
 
 @pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # scipy on identical values
@@ -881,15 +882,14 @@ def test_make_tables_input_errors(fixture_results, capsys):
 
 
 # ----------------------------------------------------------------------- the committed repository state
-def test_committed_tables_and_readme_are_up_to_date(capsys):
-    readme = REPO / "README.md"
-    if not readme.exists():
-        pytest.skip(f"{readme} does not exist yet, so there is no committed results section to check")
-    text = readme.read_text()
-    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
-        pytest.skip(f"{readme} lacks the results markers {README_BEGIN!r} / {README_END!r}")
-    code = make_tables.main(["--check", "--results", str(REPO / "results"), "--readme", str(readme)])
-    assert code == 0, ("committed tables or README results section differ from a rebuild; run "
+def test_committed_tables_and_results_readme_are_up_to_date(capsys):
+    """results/README.md and results/tables/ are exactly what make_tables.py builds from the committed
+    records (its default paths)."""
+    text = (REPO / "results" / "README.md").read_text()
+    assert text.count(README_BEGIN) == 1 and text.count(README_END) == 1
+    assert "](tables/" in text  # links relative to results/
+    code = make_tables.main(["--check"])
+    assert code == 0, ("committed tables or results/README.md differ from a rebuild; run "
                        "`python scripts/make_tables.py`:\n" + capsys.readouterr().err)
 
 

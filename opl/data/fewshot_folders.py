@@ -20,9 +20,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from opl.data.base import AugmentSpec, DataSpec
-from opl.data.folders import decode_to_tensors, list_class_folders
+from opl.data.base import AugmentSpec, DataSpec, ImageTensors
+from opl.data.folder_index import list_split
+from opl.data.folders import read_image
 from opl.data.prepare import finalize
 from opl.errors import ConfigError, DatasetNotFoundError
 
@@ -33,9 +35,10 @@ def _class_samples(root: Path, split: str, classes: list[str], per_class: int | 
     if not split_dir.is_dir():
         raise DatasetNotFoundError(f"expected a class-folder tree at {split_dir}/<class>/<image>; set dataset.root "
                                    "(docs/fewshot.md says how to extract the CIFAR-10 JPEG copy)")
+    index = list_split(split_dir)
     by_class: dict[str, list[Path]] = {}
-    for path, _ in list_class_folders(split_dir):
-        by_class.setdefault(path.parent.name, []).append(path)
+    for i, position in enumerate(index.class_positions()):
+        by_class.setdefault(index.classes[position], []).append(index.file_path(i))
     samples = []
     for label, name in enumerate(classes):
         paths = by_class.get(name)
@@ -48,6 +51,15 @@ def _class_samples(root: Path, split: str, classes: list[str], per_class: int | 
             paths = [paths[i] for i in keep]
         samples += [(path, label) for path in paths]
     return samples
+
+
+def _decode(samples: list[tuple[Path, int]]) -> ImageTensors:
+    """The images in memory as uint8 (N, 3, H, W); they must share one size."""
+    arrays = [np.asarray(read_image(path)) for path, _ in samples]
+    if len({a.shape for a in arrays}) != 1:
+        raise DatasetNotFoundError(f"images under {samples[0][0].parent.parent} differ in size; in-memory loading needs one")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ImageTensors(images, torch.tensor([label for _, label in samples]))
 
 
 def _subset_tag(role: str, per_class: int | None, seed: int) -> str:
@@ -89,7 +101,7 @@ def fewshot_folders(
         "test": _class_samples(root_path, "test", base, base_test_per_class, split_seed),
         "pool": _class_samples(root_path, pool_split, novel, novel_per_class, split_seed),
     }
-    tensors = {role: decode_to_tensors(samples) for role, samples in parts.items()}
+    tensors = {role: _decode(samples) for role, samples in parts.items()}
     files = sorted({path for samples in parts.values() for path, _ in samples})
     listing = [[path.relative_to(root_path).as_posix(), path.stat().st_size] for path in files]
     variant = (f"{source}/fewshot/base={','.join(base)}/novel={','.join(novel)}@{pool_split}"
