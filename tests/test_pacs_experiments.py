@@ -332,3 +332,24 @@ def test_mean_of_a_seed_lacking_a_target_is_an_error():
 def test_mean_of_spec_errors(ours, message):
     with pytest.raises(SpecError, match=message):
         parse_spec("t", {"title": "T", "source": "S", "metric": "top1", "cells": [{"row": "r", "column": "c", "ours": ours}]})
+
+
+def test_limit_val_keeps_a_seeded_subset_with_its_domains():
+    import yaml
+
+    from conftest import SHARED_DATA, require
+    from opl.data.pacs import pacs
+
+    config = yaml.safe_load((REPO / "configs/dataset/pacs.yaml").read_text())
+    kwargs = {k: v for k, v in config.items() if k not in ("_target_", "root", "target", "limit_val")}
+    root = str(require(SHARED_DATA / "pacs"))
+    full = pacs(root, target="cartoon", **kwargs)
+    small = pacs(root, target="cartoon", limit_val=40, **kwargs)
+    assert len(full.val) == 208 + 171 + 398 and len(small.val) == 40
+    assert small.variant == full.variant + "|crossval=40@0" and len(small.train) == len(full.train)
+    index = [full.val.paths.index(p) for p in small.val.paths]
+    assert index == sorted(index) and len(set(index)) == 40  # a subset, in list order
+    assert small.val.domain_names == full.val.domain_names == ("art_painting", "photo", "sketch")
+    assert small.val.domains.tolist() == full.val.domains[index].tolist()
+    assert small.val.labels.tolist() == full.val.labels[index].tolist()
+    assert pacs(root, target="cartoon", limit_val=40, **kwargs).val.paths == small.val.paths  # seeded
