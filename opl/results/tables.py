@@ -4,8 +4,8 @@ A table specification lists the paper's cells (row, column, value) and, where th
 an experiment for a cell, a selector naming the records that fill it: experiment, data variant and
 configuration overrides (exact match, so runs on other data or other settings never mix in). A cell
 may instead average other selections seed by seed (`ours: {mean_of: [selector, ...]}`, e.g. PACS's
-Avg over the four held-out domains). Every cell is rendered, with a dash where nothing has been run. Output is a pure function of the specs
-and the records: no clock, no machine state.
+Avg over the four held-out domains). Every cell is rendered, with a dash where nothing has been run.
+Output is a pure function of the specs and the records: no clock, no machine state.
 """
 
 import math
