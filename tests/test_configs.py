@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import train
+from conftest import SHARED_DATA, require
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -25,6 +26,7 @@ def test_every_required_experiment_exists():
     robustness = {f"{d}_noise_{n}_{m}" for d in ("cifar10", "cifar100") for n in ("sym", "pair") for m in ("tl", "tl_opl")}
     robustness |= {f"{d}_{m}" for d in ("cifar10", "cifar100") for m in ("pgd_at", "pgd_at_opl", "mart", "mart_opl")}
     assert robustness <= set(EXPERIMENTS)
+    assert {f"pacs_{m}" for m in ("erm", "erm_opl", "rsc", "rsc_opl")} <= set(EXPERIMENTS)
 
 
 def test_label_noise_and_adversarial_recipes():
@@ -132,7 +134,8 @@ def shrink_fewshot(cfg, tmp_path, cifar100_root, cifar10_jpg_format_root) -> Non
 def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar100_root, cifar10_format_root,
                                                         cifar10_jpg_format_root):
     roots = {"opl.data.cifar.cifar": lambda ds: (cifar100_root if ds.which == "cifar100" else cifar10_format_root),
-             "opl.data.folders.cifar10_jpg": lambda ds: cifar10_jpg_format_root}
+             "opl.data.folders.cifar10_jpg": lambda ds: cifar10_jpg_format_root,
+             "opl.data.pacs.pacs": lambda ds: require(SHARED_DATA / "pacs")}  # a few real images
     cfg = compose_experiment(
         name, "trainer.epochs=1", "trainer.batch_size=16", "trainer.device=cpu", "trainer.num_workers=0",
         "trainer.test_selection_after_epoch=null", "dataset.limit_train=32", "dataset.limit_test=16",
@@ -152,6 +155,15 @@ def test_experiment_instantiates_and_trains_on_tiny_data(name, tmp_path, cifar10
         cfg.dataset.root = str(roots[cfg.dataset._target_](cfg.dataset))
         if "download" in cfg.dataset:
             cfg.dataset.download = False
+    if cfg.dataset._target_ == "opl.data.pacs.pacs":
+        # The choices a PACS run must state (??? in the config); no ImageNet weights offline; small
+        # images (ResNet's last map 2x2, enough for RSC's spatial muting) and 16 validation images.
+        if OmegaConf.is_missing(cfg.dataset, "target"):
+            cfg.dataset.target = "cartoon"
+        if OmegaConf.is_missing(cfg.model, "pretrained"):
+            cfg.model.pretrained = False
+        cfg.dataset.image_size, cfg.dataset.limit_val = 64, 16
+    assert not OmegaConf.missing_keys(cfg), OmegaConf.missing_keys(cfg)
     trainer, data = train.build(cfg, tmp_path, json.dumps(OmegaConf.to_container(cfg, resolve=True)))
     assert data.num_classes == cfg.model.num_classes
     summary = trainer.fit()
@@ -179,11 +191,12 @@ def test_imagenet_recipes():
 
 def test_every_table_and_figure_selector_names_an_existing_experiment():
     from opl.results.figures import load_figure_specs
-    from opl.results.tables import load_specs
+    from opl.results.tables import MeanOf, load_specs
 
     results = CONFIGS.parent / "results"
-    named = {cell.ours.experiment for folder in ("paper", "local") for spec in load_specs(results / folder)
-             for cell in spec.cells if cell.ours is not None}
+    cells = [cell for folder in ("paper", "local") for spec in load_specs(results / folder) for cell in spec.cells]
+    named = {selector.experiment for cell in cells if cell.ours is not None
+             for selector in (cell.ours.parts if isinstance(cell.ours, MeanOf) else (cell.ours,))}
     for figure in load_figure_specs(results / "figures.yaml"):
         named |= {selector.experiment for _, selector in figure["series"]}
     assert named and named <= set(EXPERIMENTS), sorted(named - set(EXPERIMENTS))

@@ -28,6 +28,7 @@ from torchvision import transforms as T
 
 from opl.data.base import AugmentSpec, DataSpec
 from opl.data.prepare import finalize
+from opl.data.splits import seeded_subset
 from opl.errors import ConfigError, DatasetNotFoundError
 
 # Facts of the dataset (folder names and the label order of the list files), not choices.
@@ -199,10 +200,12 @@ def pacs(
     split_seed: int = 0,
     limit_train: int | None = None,
     limit_test: int | None = None,
+    limit_val: int | None = None,
 ) -> DataSpec:
     """PACS with `target` held out: train / val = the other three domains' train / crossval lists,
     test = the target's whole test list. `train_transform` holds `rsc_train_transform`'s keywords
-    (values in configs/dataset/pacs.yaml, with their sources)."""
+    (values in configs/dataset/pacs.yaml, with their sources). `limit_*` keep seeded subsets (quick
+    checks only), each named in the variant."""
     _check_choice("target", target, DOMAINS)
     _check_choice("splits", splits, tuple(LIST_FOLDERS))
     if num_classes != len(CLASSES):
@@ -246,4 +249,9 @@ def pacs(
         notes={"target": target, "sources": sources, "splits": splits, "dropped_list_lines": dropped},
         fingerprint=_fingerprint(lists),
     )
-    return finalize(spec, 0.0, split_seed, limit_train, limit_test)
+    spec = finalize(spec, 0.0, split_seed, limit_train, limit_test)
+    if limit_val is not None and limit_val < len(spec.val):
+        # finalize's subsets cover train and test; PACS's own validation split is subset here.
+        spec = spec.with_splits(val=spec.val.subset(seeded_subset(len(spec.val), limit_val, split_seed)),
+                                variant=f"{spec.variant}|crossval={limit_val}@{split_seed}")
+    return spec

@@ -2,11 +2,13 @@
 
 A table specification lists the paper's cells (row, column, value) and, where this repository has
 an experiment for a cell, a selector naming the records that fill it: experiment, data variant and
-configuration overrides (exact match, so runs on other data or other settings never mix in). Every
-cell is rendered, with a dash where nothing has been run. Output is a pure function of the specs
-and the records: no clock, no machine state.
+configuration overrides (exact match, so runs on other data or other settings never mix in). A cell
+may instead average other selections seed by seed (`ours: {mean_of: [selector, ...]}`, e.g. PACS's
+Avg over the four held-out domains). Every cell is rendered, with a dash where nothing has been run.
+Output is a pure function of the specs and the records: no clock, no machine state.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ SPEC_KEYS = {"title", "source", "metric", "units", "decimals", "protocols", "pap
              "cells", "comparisons"}
 CELL_KEYS = {"row", "column", "paper", "paper_pm", "metric", "pm_metric", "decimals", "ours"}
 SELECTOR_KEYS = {"experiment", "data_variant", "overrides"}
+MEAN_OF_KEYS = {"mean_of"}
 COMPARISON_KEYS = {"label", "column", "treatment", "baseline"}
 
 
@@ -44,13 +47,24 @@ class Selector:
 
 
 @dataclass(frozen=True)
+class MeanOf:
+    """A cell whose value per seed is the mean of several selections' values for that seed."""
+
+    parts: tuple[Selector, ...]
+
+    @property
+    def data_variant(self) -> str:
+        return "mean of " + "; ".join(part.data_variant for part in self.parts)
+
+
+@dataclass(frozen=True)
 class Cell:
     row: str
     column: str
     metric: str
     paper: float | None
     paper_pm: float | None
-    ours: Selector | None
+    ours: "Selector | MeanOf | None"
     decimals: int | None = None  # overrides the table's, e.g. 3 for cosines in a table of percentages
     # A per-run uncertainty shown beside ours, like the paper's ± (e.g. "5w1s_ci95", the 95 % interval
     # over episodes of each run's few-shot accuracy; its mean over the cell's runs is shown).
@@ -115,6 +129,32 @@ def _decimals_or_none(value, where):
     return value
 
 
+def _parse_selector(raw, where: str) -> Selector:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: a selector must be a mapping, got {raw!r}")
+    _unknown(raw, SELECTOR_KEYS, where)
+    return Selector(_require(raw, "experiment", where, str), _require(raw, "data_variant", where, str),
+                    dict(raw.get("overrides") or {}))
+
+
+def _parse_ours(raw, where: str) -> "Selector | MeanOf | None":
+    """`ours`: null, a selector, or `{mean_of: [selector, selector, ...]}`."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: 'ours' must be a mapping or null")
+    if "mean_of" not in raw:
+        return _parse_selector(raw, where)
+    _unknown(raw, MEAN_OF_KEYS, where)
+    parts = raw["mean_of"]
+    if not isinstance(parts, list) or len(parts) < 2:
+        raise SpecError(f"{where}: 'mean_of' must list at least two selectors, got {parts!r}")
+    parts = tuple(_parse_selector(part, f"{where}, mean_of {i + 1}") for i, part in enumerate(parts))
+    if any(part in parts[:i] for i, part in enumerate(parts)):
+        raise SpecError(f"{where}: 'mean_of' lists the same selector twice")
+    return MeanOf(parts)
+
+
 def parse_spec(name: str, data) -> TableSpec:
     where = f"table {name}"
     if not isinstance(data, dict):
@@ -137,13 +177,7 @@ def parse_spec(name: str, data) -> TableSpec:
         if not isinstance(raw, dict):
             raise SpecError(f"{cw}: must be a mapping")
         _unknown(raw, CELL_KEYS, cw)
-        ours = raw.get("ours")
-        if ours is not None:
-            if not isinstance(ours, dict):
-                raise SpecError(f"{cw}: 'ours' must be a mapping or null")
-            _unknown(ours, SELECTOR_KEYS, cw)
-            ours = Selector(_require(ours, "experiment", cw, str), _require(ours, "data_variant", cw, str),
-                            dict(ours.get("overrides") or {}))
+        ours = _parse_ours(raw.get("ours"), cw)
         pm_metric = raw.get("pm_metric")
         if pm_metric is not None and not isinstance(pm_metric, str):
             raise SpecError(f"{cw}: 'pm_metric' must be a metric name, got {pm_metric!r}")
@@ -202,16 +236,42 @@ class CellResult:
     records: tuple[dict, ...]  # the records that produced a value under this protocol
     summary: Summary | None
     vs_paper: Interval | None
+    values: tuple[float, ...] = ()  # one per seed, in seed order: what summary and comparisons use
 
 
 def cell_result(cell: Cell, protocol: str, records: list[dict]) -> CellResult:
+    if isinstance(cell.ours, MeanOf):
+        return mean_of_result(cell, protocol, records)
     chosen = cell.ours.select(records, f"cell ({cell.row!r}, {cell.column!r})") if cell.ours is not None else []
     chosen = [r for r in chosen if metric_value(r, protocol, cell.metric) is not None]
     if not chosen:
         return CellResult(cell, protocol, (), None, None)
     values = [metric_value(r, protocol, cell.metric) for r in chosen]
     vs_paper = mean_minus_constant(values, cell.paper) if cell.paper is not None else None
-    return CellResult(cell, protocol, tuple(chosen), summarize(values), vs_paper)
+    return CellResult(cell, protocol, tuple(chosen), summarize(values), vs_paper, tuple(values))
+
+
+def mean_of_result(cell: Cell, protocol: str, records: list[dict]) -> CellResult:
+    """A `mean_of` cell: for each seed, the mean of the parts' values for that seed (e.g. PACS's Avg
+    = the mean over the four held-out domains of one seed); then mean and std over those seeds. A
+    seed that some parts have and others lack is an error: its mean would be over fewer parts."""
+    parts = [cell_result(Cell(cell.row, cell.column, cell.metric, None, None, part), protocol, records)
+             for part in cell.ours.parts]
+    by_part = [{r["seed"]: metric_value(r, protocol, cell.metric) for r in part.records} for part in parts]
+    seeds = sorted(set().union(*by_part))
+    for seed in seeds:
+        lacking = [part for part, values in zip(cell.ours.parts, by_part) if seed not in values]
+        if lacking:
+            raise SpecError(f"cell ({cell.row!r}, {cell.column!r}) averages {len(parts)} selections, but seed {seed} "
+                            f"has no {protocol} record for "
+                            + "; ".join(f"{p.experiment} on {p.data_variant} with {p.overrides}" for p in lacking)
+                            + ": run it, or leave this seed's other runs out of the records")
+    if not seeds:
+        return CellResult(cell, protocol, (), None, None)
+    values = [math.fsum(values[seed] for values in by_part) / len(by_part) for seed in seeds]
+    chosen = sorted((r for part in parts for r in part.records), key=lambda r: (r["seed"], r["run_key"]))
+    vs_paper = mean_minus_constant(values, cell.paper) if cell.paper is not None else None
+    return CellResult(cell, protocol, tuple(chosen), summarize(values), vs_paper, tuple(values))
 
 
 def comparison_interval(spec: TableSpec, comparison: Comparison, protocol: str, records: list[dict]):
@@ -219,8 +279,7 @@ def comparison_interval(spec: TableSpec, comparison: Comparison, protocol: str, 
     baseline = cell_result(spec.cell(comparison.baseline, comparison.column), protocol, records)
     ours = None
     if treatment.summary and baseline.summary:
-        ours = welch_difference([metric_value(r, protocol, treatment.cell.metric) for r in treatment.records],
-                                [metric_value(r, protocol, baseline.cell.metric) for r in baseline.records])
+        ours = welch_difference(treatment.values, baseline.values)
     paper = None
     if treatment.cell.paper is not None and baseline.cell.paper is not None:
         paper = treatment.cell.paper - baseline.cell.paper
