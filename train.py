@@ -255,7 +255,18 @@ def place(cfg: DictConfig, job: Job) -> None:
         cfg.trainer.device = sweep_device(cfg.trainer.device, job.number, torch.cuda.device_count())
 
 
+def require_choices(cfg: DictConfig) -> None:
+    """Values a configuration leaves open (`???`, e.g. PACS's target domain and pretrained weights)
+    must come from the command line: one line naming them, before anything is built."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: no value; this experiment needs it on the command line, e.g. "
+                          f"{missing[0]}=<value> (configs/experiment/{cfg.get('name', '<name>')}.yaml and its "
+                          "groups' configs list the choices)")
+
+
 def execute(cfg: DictConfig, job: Job) -> dict | None:
+    require_choices(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     wandb = validate(resolved)
     run_dir = RunDir(shown(job.output_dir))

@@ -22,7 +22,7 @@ from conftest import REPO
 from opl.engine.schedule import build_scheduler
 from opl.errors import CheckpointError
 from opl.models import TimmBackbone
-from opl.results.records import config_overrides, run_key, strip_keys, validate_record
+from opl.results.records import RecordError, config_overrides, run_key, strip_keys, validate_record
 from opl.results.stats import welch_difference
 from opl.results.tables import MeanOf, SpecError, cell_result, comparison_interval, load_specs, parse_spec, table_markdown
 from train import instantiate_checked
@@ -50,7 +50,7 @@ def test_head_recipe_of_the_rsc_code():
         assert cfg.name == name and cfg.dataset._target_ == "opl.data.pacs.pacs"
         assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov) == (0.01, 0.9, 5e-4, False)
         assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.dataset.mirror_batch) == (20, 64, True)
-        assert (cfg.sched.kind, list(cfg.sched.milestones), cfg.sched.gamma, cfg.sched.warmup_epochs) == ("multistep", [15], 0.1, 0)
+        assert (cfg.sched.kind, list(cfg.sched.milestones), cfg.sched.gamma, cfg.sched.warmup_epochs) == ("multistep", [16], 0.1, 0)
         assert cfg.trainer.drop_last is True and cfg.trainer.eval_every == 1
         assert cfg.trainer.test_selection_after_epoch == 0  # the oracle: best test over every epoch
         assert (cfg.dataset.image_size, cfg.dataset.splits) == (222, "corrected")
@@ -72,7 +72,7 @@ def test_head_recipe_of_the_rsc_code():
 def test_september_2020_recipe_is_one_experiment_away():
     sep, head = compose_run("experiment=pacs_rsc_sep2020"), compose_run("experiment=pacs_rsc")
     assert (sep.trainer.epochs, sep.trainer.batch_size, sep.dataset.mirror_batch, sep.optim.lr) == (30, 128, False, 0.008)
-    assert list(sep.sched.milestones) == [23] and sep.method.batch_fraction_step == 0.0
+    assert list(sep.sched.milestones) == [24] and sep.method.batch_fraction_step == 0.0
     assert math.ceil(512 * sep.method.channel_fraction) == int(512 / 3.0) == 170  # ResNet-18's channels
     assert round(128 * sep.method.batch_fraction_start) == int(round(128 / 3.0))
     assert sep.method.confidence_offset == 1e-5
@@ -314,7 +314,7 @@ def test_mean_of_a_seed_lacking_a_target_is_an_error():
     twin = rec("a", 1, 0, 70.0)
     twin["config"]["other"] = 1  # the same seed of one target twice
     twin["run_key"] = run_key(twin["config"], 0, "v1")
-    with pytest.raises(SpecError, match="same seed"):
+    with pytest.raises(RecordError, match="same seed"):  # the one selection function of tables and figures
         cell_result(spec.cell("A", "Avg"), "final_epoch_test", avg_records() + [twin])
 
 

@@ -86,6 +86,9 @@ BAD_VALUES = [
     (["trainer.compile=maybe"], "error: trainer.compile must be true, false or auto"),
     (["trainer.batch_size=1"], "error: OPL compares pairs of samples in a batch: trainer.batch_size must be >= 2"),
     (["eval_only=true", "ckpt_path=absent.pt"], "error: ckpt_path=absent.pt: no such checkpoint file"),
+    # PACS leaves the target domain and the choice of pretrained weights to the command line.
+    (["experiment=pacs_rsc", "dataset.root=data/pacs"], "error: dataset.target, model.pretrained: no value; this "
+                                                        "experiment needs it on the command line"),
 ]
 
 

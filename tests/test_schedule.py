@@ -79,6 +79,20 @@ def rfs_adjust_learning_rate(lr: float, decay_epochs: list[int], epochs: int, it
     return lrs
 
 
+def rsc_step_lr(lr: float, epochs: int, iters: int) -> list[float]:
+    """DeLightCMU/RSC Domain_Generalization: StepLR(step_size=int(0.8 * epochs), gamma 0.1)
+    (optimizer/optimizer_helper.py:11-12) stepped at the START of every epoch (train.py:131)."""
+    optimizer = sgd(lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(epochs * 0.8))
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the RSC code steps the scheduler before the optimizer
+        for _ in range(epochs):
+            scheduler.step()
+            lrs += [optimizer.param_groups[0]["lr"]] * iters
+    return lrs
+
+
 def adjust_learning_rate(lr: float, epochs: int, iters: int) -> list[float]:
     """TRADES train_trades_cifar10.py and MART train_resnet.py / train_wideresnet.py: for epoch in
     1..epochs, before training: lr x0.1 if epoch >= 75, x0.01 if >= 90, x0.001 if >= 100."""
@@ -130,6 +144,12 @@ REFERENCE = {
     **{f"fewshot_{d}_{m}": ref for d, ref in (("mini", RFS_MINI), ("tiered", RFS_TIERED), ("cifarfs", RFS_CIFARFS),
                                                ("fc100", RFS_FC100)) for m in ("rfs", "rfs_opl")},
     "fewshot_cifar10_cpu_ce": RFS_RULE_CPU, "fewshot_cifar10_cpu_opl": RFS_RULE_CPU,
+    # PACS: the RSC code's HEAD (20 epochs) and September 2020 (30 epochs, LR 0.008) recipes; its loader
+    # drops the last batch; iterations from the sketch target's 5,446 training images at batch 64
+    # (128 with the mirrored copy, one optimiser step). The CPU check: its 1,024 images, 5 epochs.
+    **{f"pacs_{m}": (lambda: rsc_step_lr(0.01, 20, 5_446 // 64)) for m in ("erm", "erm_opl", "rsc", "rsc_opl")},
+    **{f"pacs_{m}": (lambda: rsc_step_lr(0.008, 30, 5_446 // 128)) for m in ("rsc_sep2020", "rsc_opl_sep2020")},
+    **{f"pacs_cpu_{m}": (lambda: rsc_step_lr(0.01, 5, 1_024 // 64)) for m in ("erm", "erm_opl", "rsc", "rsc_opl")},
 }
 # Our own schedules (no reference to match): the CPU-sized checks and the digits demo use a cosine.
 OURS = {name for name in EXPERIMENTS
@@ -139,9 +159,10 @@ OURS = {name for name in EXPERIMENTS
 def ours(name: str) -> tuple[list[float], int]:
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={name}"])
-    name = cfg.dataset.get("name")
-    n_train = round((IMAGENET_TRAIN if name == "imagenet" else FEWSHOT_TRAIN.get(name, 50_000))
-                    * (1 - cfg.dataset.get("val_fraction", 0.0)))
+    name = cfg.dataset.get("name") or cfg.dataset._target_.rsplit(".", 1)[-1]
+    n_train = {"imagenet": IMAGENET_TRAIN, "pacs": cfg.dataset.get("limit_train") or 5_446,
+               **FEWSHOT_TRAIN}.get(name, 50_000)
+    n_train = round(n_train * (1 - (cfg.dataset.get("val_fraction") or 0.0)))
     batch, epochs, lr = cfg.trainer.batch_size, cfg.trainer.epochs, cfg.optim.lr
     iters = n_train // batch if cfg.trainer.drop_last else math.ceil(n_train / batch)
     factor = lr_factor(iters_per_epoch=iters, epochs=epochs, **OmegaConf.to_container(cfg.sched))

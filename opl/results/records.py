@@ -15,6 +15,7 @@ run's configuration, so each record can be re-keyed on its own.
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 from opl.errors import OPLError
@@ -29,6 +30,7 @@ PROTOCOL_NAMES = {
 }
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_top1", "test_top1", "test_same_cos", "test_diff_cos",
                 "test_diff_abs_cos", "val_top1")
+PER_GROUP_HISTORY = re.compile(r"val_\w+_top1")  # e.g. PACS's validation top-1 per source domain
 
 
 class RecordError(OPLError):
@@ -120,7 +122,7 @@ def read_history(metrics_jsonl: Path) -> list[dict]:
                 raise RecordError(f"{metrics_jsonl}:{number}: not valid JSON ({exc.msg}); resume the run "
                                   "(python train.py with its command) to repair it, or delete that line") from exc
             if "test_top1" in row:
-                history.append({k: row[k] for k in HISTORY_KEYS if k in row})
+                history.append({k: v for k, v in row.items() if k in HISTORY_KEYS or PER_GROUP_HISTORY.fullmatch(k)})
     return history
 
 
