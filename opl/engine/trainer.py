@@ -272,6 +272,8 @@ class Trainer:
         if self.whole_step is not None:  # new optimizer state tensors: record anew
             self.whole_step.reset()
         self.checkpoint_epoch = self.state.epoch
+        if self.is_main:
+            self.metrics.truncate_after(self.state.epoch)
 
     def load_weights(self, path: str | Path) -> None:
         load_model_state(self.model, load_checkpoint(path, map_location=self.device)["model"], str(path))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from opl.errors import ConfigError
-from opl.results.stats import mean_minus_constant
+from opl.results.stats import NO_SPREAD, mean_minus_constant
 
 FEATURE_SOURCES = ("features", "logits")
 
@@ -188,9 +188,11 @@ SOLVERS = {"sklearn": fit_logistic_regression_sklearn, "torch": fit_logistic_reg
 
 
 def mean_confidence_interval(values, confidence: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width of the Student-t interval), as RFS's mean_confidence_interval; the
-    half-width is NaN for a single value."""
+    """(mean, half-width of the Student-t interval), as RFS's mean_confidence_interval: 0 when every
+    episode scored the same, NaN for a single value."""
     interval = mean_minus_constant(values, 0.0, confidence)
+    if interval.undetermined == NO_SPREAD:
+        return interval.estimate, 0.0
     half = interval.high - interval.estimate if interval.high is not None else math.nan
     return interval.estimate, half
 
