@@ -46,10 +46,19 @@ def code_lines(text: str) -> list[str]:
 
 
 def commands() -> list[tuple[str, str]]:
+    """Command lines of the docs; a shell loop's variable stands for its first value."""
     found = []
     for doc in DOCS:
+        loop = {}
         for line in code_lines(doc.read_text()):
-            for part in line.split("&&"):
+            if match := re.match(r"for (\w+) in (\S+)", line):
+                loop = {match[1]: match[2]}
+                line = line.split("do", 1)[1] if " do " in line + " " else ""
+            if line.strip() == "done":
+                loop = {}
+            for name, value in loop.items():
+                line = line.replace(f"${name}", value)
+            for part in re.split(r"&&|;", line):
                 part = re.sub(r"\s+#.*$", "", part).strip()  # a trailing comment
                 if part.startswith(COMMAND_START):
                     found.append((doc.relative_to(REPO).as_posix(), part))
