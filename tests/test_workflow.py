@@ -1,6 +1,6 @@
 """The results workflow across re-runs (docs/runs.md): run keys that stay put when a group that
 changes nothing is added, the committed records' keys reproduced from their commands, one run
-selection for tables and figures, and the README's commands on a fresh copy of the repository."""
+selection for tables and figures, and the results-workflow commands of docs/runs.md on a fresh copy of the repository."""
 
 import importlib.util
 import json
@@ -175,7 +175,7 @@ def test_figures_refuse_a_seed_twice_as_tables_do(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-# ============================================================================ the README's commands
+# ============================================================================ the workflow commands (docs/runs.md)
 def fresh_copy(target: Path) -> Path:
     """The repository as a clone would have it (tracked and new, non-ignored files): no runs/."""
     names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
