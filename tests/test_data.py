@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from opl.data.augment import BatchAugment
 from opl.data.base import AugmentSpec, DataSpec, ImageTensors
 from opl.data.cifar import cifar, ensure_cifar
 from opl.data.digits import bundled_digits, digits
@@ -199,3 +200,28 @@ def test_last_partial_batch(kind, n, drop_last, min_batch, sizes):
                           min_batch=min_batch)
     batches = [len(y) for _, y, _ in loader]
     assert batches == sizes and len(loader) == len(sizes)
+
+
+class WorkerDraws(torch.utils.data.Dataset):
+    """Items that are one draw of the worker's RNG each (as a worker-side RandomResizedCrop is)."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int):
+        return torch.randint(0, 256, (1, 2, 2), dtype=torch.uint8), 0
+
+
+def test_worker_augmentation_differs_per_rank_and_repeats_per_epoch():
+    augment = BatchAugment(AugmentSpec(), (0.5,), (0.25,))
+
+    def draws(rank: int, epoch: int) -> torch.Tensor:
+        loader = DeviceDataLoader(WorkerDraws(), 4, torch.device("cpu"), augment, True, num_workers=1, seed=3,
+                                  rank=rank, world=2)
+        loader.set_epoch(epoch)
+        return torch.cat([x for x, _, _ in loader])
+
+    rank0 = draws(0, 1)
+    assert torch.equal(rank0, draws(0, 1))  # a resumed epoch sees the same crops
+    assert not torch.equal(rank0, draws(1, 1))  # every rank its own (not the same crops on other images)
+    assert not torch.equal(rank0, draws(0, 2))

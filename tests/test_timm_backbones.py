@@ -121,12 +121,28 @@ def test_pretrained_download_offline_names_the_offline_route(monkeypatch, tmp_pa
     assert "model.pretrained=true" in message and "model.pretrained_path=FILE" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("name, arch", [("resnet18", "resnet18"), ("resnet50", "resnet50"), ("resnet50d", "resnet50d")])
-def test_model_configs(name, arch):
+def batchnorm_weights(model: nn.Module) -> dict:
+    return {name: m.weight.detach() for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+@pytest.mark.parametrize("name, arch, zero_last", [("resnet18", "resnet18", False), ("resnet50", "resnet50", False),
+                                                   ("resnet50d", "resnet50d", True)])
+def test_model_configs(name, arch, zero_last):
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={name}", "dataset=imagefolder", "dataset.num_classes=7"])
         cifar = compose("train", overrides=["model=resnet18_cifar"])
     assert (cfg.model.arch, cfg.model.pretrained, cfg.model.pretrained_path) == (arch, False, None)
     model = instantiate_checked(cfg.model)
     assert isinstance(model, TimmBackbone) and model.net.fc.out_features == 7
+    # From scratch: torchvision's initialisation for ResNet-18/50 (every BatchNorm weight 1, as in
+    # torchvision's own models), "Bag of Tricks"' zero gamma for ResNet-50-D (each block's last one 0).
+    ours = batchnorm_weights(model.net)
+    last = {n for n in ours if n.startswith("layer") and n.endswith(("bn2" if name == "resnet18" else "bn3"))}
+    assert len(last) == (8 if name == "resnet18" else 16)
+    assert all(bool((w == 0).all()) == (zero_last and n in last) for n, w in ours.items())
+    assert all(bool((w == 1).all()) == (not zero_last or n not in last) for n, w in ours.items())
+    if not zero_last:
+        reference = batchnorm_weights(getattr(torchvision.models, arch)())
+        assert ours.keys() == reference.keys()
+        assert all(torch.equal(ours[n], reference[n]) for n in ours)
     assert isinstance(instantiate_checked(cifar.model), CifarResNet)  # model=resnet18_cifar is untouched

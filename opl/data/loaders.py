@@ -31,9 +31,11 @@ def finish(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, augment: Batch
     return x.contiguous(memory_format=memory_format), y, index
 
 
-def epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    """A well-mixed 63-bit seed for one epoch of one random stream (-1: shared by all ranks)."""
-    return int(np.random.SeedSequence([seed, epoch, stream + 1]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+def epoch_seed(seed: int, epoch: int, stream: int, workers: bool = False) -> int:
+    """A well-mixed 63-bit seed for one epoch of one random stream (-1: shared by all ranks; r >= 0:
+    rank r's on-device augmentation, or with `workers` its DataLoader workers' base seeds)."""
+    entropy = [seed, epoch, stream + 1] + ([1] if workers else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def shard(order: torch.Tensor, rank: int, world: int, pad: bool) -> torch.Tensor:
@@ -140,7 +142,7 @@ class DeviceDataLoader:
         self.train = train
         self.seed, self.rank, self.epoch = seed, rank, 0
         self.augment = augment.to(device)
-        self.generator = torch.Generator()  # the workers' base seeds
+        self.generator = torch.Generator()  # the workers' base seeds (per rank: their crops and jitter differ)
         self.device_generator = torch.Generator(device=device)  # the on-device augmentation
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         items = IndexedDataset(dataset)
@@ -161,7 +163,7 @@ class DeviceDataLoader:
         return self.steps
 
     def __iter__(self):
-        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, -1))
+        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank, workers=True))
         self.device_generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
         for step, (x, y, idx) in enumerate(self.loader):
             if step == self.steps:  # a last partial batch too small to keep (see batch_count)

@@ -240,14 +240,16 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "criterion": self.criterion.state_dict(),
-            "rng": capture_rng_state(),
+            "rng": capture_rng_state(self.device),
             "step_rng": self.training_step.rng_state(),
             "state": vars(self.state),
         }, self.last_checkpoint)
         self.checkpoint_epoch = self.state.epoch
 
     def resume(self, path: str | Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
+        # On the CPU: generator states must be restored from CPU tensors; the model, optimizer and
+        # criterion loads copy their tensors to the parameters' device themselves.
+        ckpt = load_checkpoint(path, map_location="cpu")
         if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
             raise CheckpointError(f"{path} is not a resumable training checkpoint of this project")
         if self.config_signature is not None and ckpt.get("config_signature") != self.config_signature:
@@ -262,7 +264,7 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.criterion.load_state_dict(ckpt["criterion"])
-            restore_rng_state(ckpt["rng"])
+            restore_rng_state(ckpt["rng"], self.device)
             self.training_step.load_rng_state(ckpt["step_rng"])
             self.state = TrainState(**ckpt["state"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:

@@ -36,7 +36,8 @@ def _one_line(exc: BaseException) -> str:
 class TimmBackbone(nn.Module):
     """A timm classifier `arch` (e.g. "resnet50", "resnet18.tv_in1k") returning `(features, logits)`."""
 
-    def __init__(self, arch: str, num_classes: int, pretrained: bool = False, pretrained_path: str | None = None):
+    def __init__(self, arch: str, num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
+                 zero_init_last: bool | None = None):
         super().__init__()
         # timm is imported on first use: importing it costs about a second at every start.
         import timm
@@ -50,16 +51,19 @@ class TimmBackbone(nn.Module):
             raise ConfigError("set model.pretrained=true (timm download) or model.pretrained_path=FILE, not both")
         self.arch = arch
         self.weights_source, self.weights_sha256 = None, None
+        # zero_init_last (timm's ResNets: each block's last BatchNorm weight starts at 0) matters from
+        # scratch only; None keeps the architecture's own default (and works for timm models without it).
+        options = {"num_classes": num_classes} | ({} if zero_init_last is None else {"zero_init_last": zero_init_last})
         if pretrained:
             try:
-                self.net = timm.create_model(arch, pretrained=True, num_classes=num_classes)
+                self.net = timm.create_model(arch, pretrained=True, **options)
             except Exception as exc:  # network, hub, cache or tag failures all end here, as one line
                 raise CheckpointError(
                     f"model.pretrained=true: timm could not fetch the {arch} weights ({_one_line(exc)}); "
                     f"without network, download them elsewhere and pass model.pretrained_path=FILE") from None
             self.weights_source = f"timm:{arch.split('.')[0]}.{self.net.pretrained_cfg.get('tag')}"
         else:
-            self.net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+            self.net = timm.create_model(arch, pretrained=False, **options)
         if pretrained_path:
             self.load_weights(Path(pretrained_path).expanduser())
         self.feature_dim = self.net.num_features
