@@ -120,7 +120,7 @@ def test_augmented_views_are_seeded_per_image(tmp_path):
 def test_evaluator_rejects_impossible_settings(tmp_path):
     with pytest.raises(ConfigError, match="support_views"):
         EpisodeEvaluator(shots=[1, 5], support_views=[5])
-    with pytest.raises(ConfigError, match="solver"):
+    with pytest.raises(ConfigError, match="solver must be one of sklearn, torch, got 'liblinear'"):
         EpisodeEvaluator(solver="liblinear")
     with pytest.raises(ConfigError, match="feature_source"):
         EpisodeEvaluator(feature_source="pixels")
