@@ -5,17 +5,19 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from opl.data.augment import BatchAugment
 from opl.data.base import AugmentSpec, DataSpec, ImageTensors
 from opl.data.cifar import cifar, ensure_cifar
 from opl.data.digits import bundled_digits, digits
+from opl.data.fewshot_folders import fewshot_folders
 from opl.data.folders import cifar10_jpg
 from opl.data.loaders import DeviceDataLoader, DeviceTensorLoader, build_loader
 from opl.data.splits import seeded_subset, validation_split
 from opl.errors import DatasetNotFoundError
 
-from conftest import CIFAR100_PARTIAL
+from conftest import CIFAR100_PARTIAL, REPO
 
 CIFAR100 = dict(num_classes=100, mean=[0.5071, 0.4865, 0.4409], std=[0.2673, 0.2564, 0.2762],
                 augment=dict(crop_padding=4, hflip=True, brightness=0.4, contrast=0.4, saturation=0.4))
@@ -99,6 +101,20 @@ def test_cifar10_jpg_real_tree_in_canonical_order(cifar10_jpg_root):
     # Per-channel means of CIFAR-10 training pixels are about (0.491, 0.482, 0.447).
     means = spec.train.images.float().mean(dim=(0, 2, 3)) / 255
     assert torch.allclose(means, torch.tensor([0.4914, 0.4822, 0.4465]), atol=0.01)
+
+
+def test_cifar10_fewshot_cpu_data_identity_is_pinned(cifar10_jpg_root):
+    """The real CIFAR-10 JPEG copy as dataset=cifar10_fewshot_cpu reads it: recorded runs carry this
+    variant and fingerprint, so they must not change (values computed before the builder shared
+    the file index's sizes and the listing hash)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "dataset" / "cifar10_fewshot_cpu.yaml"))
+    cfg.pop("_target_")
+    spec = fewshot_folders(**{**cfg, "root": str(cifar10_jpg_root)})
+    assert spec.fingerprint == "40a54be6a3ff85b8"
+    assert spec.variant == ("cifar10/jpeg-q75/fewshot/base=airplane,automobile,bird,cat,deer,dog/novel=frog,horse,"
+                            "ship,truck@test|base_train=500/class@0|base_test=200/class@0|novel=300/class@0")
+    assert spec.train.labels.bincount().tolist() == [500] * 6 and spec.test.labels.bincount().tolist() == [200] * 6
+    assert spec.episode_pools["test"].labels.bincount().tolist() == [300] * 4
 
 
 def test_cifar10_jpg_missing_root_and_archive_hint(tmp_path):

@@ -1,6 +1,7 @@
 """Few-shot data: RFS's file layouts written exactly in tmp, CIFAR-FS / FC100 built from the real
 partial CIFAR-100 files, the pinned class splits, and scripts/verify_data.py."""
 
+import hashlib
 import json
 import pickle
 import subprocess
@@ -12,7 +13,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from opl.data.fewshot import fewshot, read_fewshot
+from opl.data.fewshot import fewshot, listing_fingerprint, read_fewshot
 from opl.data.fewshot_cifar100 import SPLITS_FILE, split_class_ids, split_class_names
 from opl.data.fewshot_formats import first_appearance_ids
 from opl.errors import ConfigError, DatasetNotFoundError
@@ -82,9 +83,31 @@ def test_fingerprint_follows_the_files_read(tmp_path):
     write_mini(tmp_path, np.random.default_rng(0))
     first = fewshot(**mini_config(tmp_path)).fingerprint
     assert first == fewshot(**mini_config(tmp_path)).fingerprint and len(first) == 16
+    listing = [[path.name, path.stat().st_size] for path in sorted(tmp_path.glob("*.pickle"))]  # the 5 files read
+    assert len(listing) == 5 and first == hashlib.sha256(json.dumps(["rfs", listing]).encode()).hexdigest()[:16]
     write_mini(tmp_path, np.random.default_rng(1), per_class=4)  # other files, same names
     changed = fewshot(**mini_config(tmp_path, images_per_class={})).fingerprint
     assert changed != first
+
+
+def test_fingerprint_values_are_pinned(tmp_path):
+    """Recorded runs carry these fingerprints: the values of the few-shot builders' listing hash must
+    not change. Pinned on files of fixed sizes (computed before the hash became one shared helper);
+    full paths sort by their parts ("sub/b.npz" before "sub-x.pkl"), a file outside root counts by name."""
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    sizes = {root / "sub-x.pkl": 5, root / "sub" / "b.npz": 10, root / "a.pickle": 3}
+    for path, size in sizes.items():
+        path.write_bytes(b"x" * size)
+    outside = tmp_path / "elsewhere.npz"
+    outside.write_bytes(bytes(7))
+    assert listing_fingerprint(sizes, root) == "eacf2173580ed698"  # fewshot_folders (no source)
+    assert listing_fingerprint({**sizes, outside: 7}, root, "rfs") == "6d67934124588cf8"  # fewshot
+    listing = [["a.pickle", 3], ["sub/b.npz", 10], ["sub-x.pkl", 5]]  # the hashed text, explicitly
+    assert listing_fingerprint(sizes, root) == hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    with_outside = [["elsewhere.npz", 7], ["a.pickle", 3], ["sub/b.npz", 10], ["sub-x.pkl", 5]]  # by full path
+    assert listing_fingerprint({**sizes, outside: 7}, root, "rfs") == hashlib.sha256(
+        json.dumps(["rfs", with_outside]).encode()).hexdigest()[:16]
 
 
 def test_rfs_label_numbering_rules():

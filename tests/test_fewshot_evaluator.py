@@ -4,6 +4,7 @@ episodes across runs and methods, the same numbers on two data-parallel processe
 counter over training and resume, the class-folder few-shot builder, the experiments' recipes,
 and few-shot cells in records and tables."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -120,7 +121,7 @@ def test_augmented_views_are_seeded_per_image(tmp_path):
 def test_evaluator_rejects_impossible_settings(tmp_path):
     with pytest.raises(ConfigError, match="support_views"):
         EpisodeEvaluator(shots=[1, 5], support_views=[5])
-    with pytest.raises(ConfigError, match="solver"):
+    with pytest.raises(ConfigError, match="solver must be one of sklearn, torch, got 'liblinear'"):
         EpisodeEvaluator(solver="liblinear")
     with pytest.raises(ConfigError, match="feature_source"):
         EpisodeEvaluator(feature_source="pixels")
@@ -246,6 +247,12 @@ def test_class_folder_fewshot_builder(cifar10_jpg_format_root):
     assert subset.train.labels.bincount().tolist() == [4, 4, 4] and len(subset.episode_pools["test"]) == 2
     assert subset.variant.endswith("|base_train=4/class@0|novel=1/class@0")
     assert subset.fingerprint != spec.fingerprint and len(spec.fingerprint) == 16
+    # The hashed text: [path under root, size] of every file read (3 base classes in train and test,
+    # 2 novel in test), sorted by path; the sizes come from the file index.
+    read = sorted(p for split, classes in (("train", (0, 2, 5)), ("test", (0, 1, 2, 5, 7)))
+                  for c in classes for p in (cifar10_jpg_format_root / split / f"class{c}").iterdir())
+    listing = [[p.relative_to(cifar10_jpg_format_root).as_posix(), p.stat().st_size] for p in read]
+    assert len(listing) == 18 + 10 and spec.fingerprint == hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
     with pytest.raises(ConfigError, match="disjoint"):
         fewshot_folders(**{**kwargs, "novel_classes": ["class0", "class1"]})
     with pytest.raises(ConfigError, match="num_classes=4 but"):

@@ -163,12 +163,14 @@ def _to_tensors(name: str, source: str, role: str, arrays: SplitArrays, pinned: 
     return ImageTensors(arrays.images, torch.from_numpy(np.ascontiguousarray(ids)))
 
 
-def fingerprint(source: str, root: Path, splits: dict[str, SplitArrays]) -> str:
-    """sha256 of the relative paths and sizes of every file read, 16 hex digits."""
-    files = sorted({path for arrays in splits.values() for path in arrays.files})
-    listing = [[path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name, path.stat().st_size]
-               for path in files]
-    return hashlib.sha256(json.dumps([source, listing]).encode()).hexdigest()[:16]
+def listing_fingerprint(sizes: dict[Path, int], root: Path, source: str | None = None) -> str:
+    """16 hex digits of the sha256 of the JSON list of [path relative to `root` (else the file name),
+    size in bytes] of the files read, sorted by path, inside [`source`, list] when a source is given.
+    Both few-shot builders hash their files with it (`fewshot` with its source, `fewshot_folders`
+    without), so the values of the data already recorded stay as they are."""
+    listing = [[path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name, int(size)]
+               for path, size in sorted(sizes.items())]
+    return hashlib.sha256(json.dumps(listing if source is None else [source, listing]).encode()).hexdigest()[:16]
 
 
 def fewshot(
@@ -219,7 +221,8 @@ def fewshot(
         name=name, variant=variant, num_classes=int(num_classes), train=tensors["train"],
         test=tensors["base_test"], val=tensors.get("base_val"),
         mean=tuple(mean), std=tuple(std), augment=AugmentSpec(**(augment or {})), notes=notes,
-        fingerprint=fingerprint(source, Path(root).expanduser(), splits),
+        fingerprint=listing_fingerprint({path: path.stat().st_size for arrays in splits.values() for path in arrays.files},
+                                        Path(root).expanduser(), source),
         episode_pools={"val": tensors["novel_val"], "test": tensors["novel_test"]},
     )
     return finalize(spec, 0.0, split_seed, limit_train, limit_test)

@@ -12,54 +12,45 @@ The returned `DataSpec`, like the benchmarks' (`opl.data.fewshot`), has
 
 Each part may be a seeded per-class subset (the first n of a seeded permutation of each class's
 images, kept in file order). The variant names the source, both class lists and every subset;
-the fingerprint hashes the relative paths and sizes of the files read.
+the fingerprint hashes the relative paths and sizes (from the file index) of the files read.
 """
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from opl.data.base import AugmentSpec, DataSpec, ImageTensors
-from opl.data.folder_index import list_split
-from opl.data.folders import read_image
+from opl.data.base import AugmentSpec, DataSpec
+from opl.data.fewshot import listing_fingerprint
+from opl.data.folder_index import SplitIndex, list_split
+from opl.data.folders import decode_to_tensors
 from opl.data.prepare import finalize
 from opl.errors import ConfigError, DatasetNotFoundError
 
 
-def _class_samples(root: Path, split: str, classes: list[str], per_class: int | None, seed: int):
-    """(path, id in `classes` order) of the chosen images, class by class in file order."""
+def _class_samples(root: Path, split: str, classes: list[str], per_class: int | None,
+                   seed: int) -> tuple[SplitIndex, np.ndarray, np.ndarray]:
+    """The split's file index, the positions in it of the chosen images (class by class in `classes`
+    order, file order within a class) and every file's id in `classes` (-1: a class not chosen)."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise DatasetNotFoundError(f"expected a class-folder tree at {split_dir}/<class>/<image>; set dataset.root "
                                    "(docs/fewshot.md says how to extract the CIFAR-10 JPEG copy)")
     index = list_split(split_dir)
-    by_class: dict[str, list[Path]] = {}
-    for i, position in enumerate(index.class_positions()):
-        by_class.setdefault(index.classes[position], []).append(index.file_path(i))
-    samples = []
+    folder_of_file = index.class_positions()
+    labels = np.full(len(index), -1, dtype=np.int64)
+    order = []
     for label, name in enumerate(classes):
-        paths = by_class.get(name)
-        if not paths:
-            raise DatasetNotFoundError(f"{split_dir}/{name}/ holds no images; the classes there are {sorted(by_class)}")
+        files = np.flatnonzero(folder_of_file == index.classes.index(name)) if name in index.classes else []
+        if not len(files):
+            held = sorted(c for c, n in zip(index.classes, index.counts) if n)
+            raise DatasetNotFoundError(f"{split_dir}/{name}/ holds no images; the classes there are {held}")
         if per_class is not None:
-            if per_class > len(paths):
-                raise ConfigError(f"{per_class} images per class asked, {split_dir}/{name}/ has {len(paths)}")
-            keep = np.sort(np.random.RandomState(seed).permutation(len(paths))[:per_class])
-            paths = [paths[i] for i in keep]
-        samples += [(path, label) for path in paths]
-    return samples
-
-
-def _decode(samples: list[tuple[Path, int]]) -> ImageTensors:
-    """The images in memory as uint8 (N, 3, H, W); they must share one size."""
-    arrays = [np.asarray(read_image(path)) for path, _ in samples]
-    if len({a.shape for a in arrays}) != 1:
-        raise DatasetNotFoundError(f"images under {samples[0][0].parent.parent} differ in size; in-memory loading needs one")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ImageTensors(images, torch.tensor([label for _, label in samples]))
+            if per_class > len(files):
+                raise ConfigError(f"{per_class} images per class asked, {split_dir}/{name}/ has {len(files)}")
+            files = files[np.sort(np.random.RandomState(seed).permutation(len(files))[:per_class])]
+        labels[files] = label
+        order.append(files)
+    return index, np.concatenate(order), labels
 
 
 def _subset_tag(role: str, per_class: int | None, seed: int) -> str:
@@ -101,9 +92,8 @@ def fewshot_folders(
         "test": _class_samples(root_path, "test", base, base_test_per_class, split_seed),
         "pool": _class_samples(root_path, pool_split, novel, novel_per_class, split_seed),
     }
-    tensors = {role: _decode(samples) for role, samples in parts.items()}
-    files = sorted({path for samples in parts.values() for path, _ in samples})
-    listing = [[path.relative_to(root_path).as_posix(), path.stat().st_size] for path in files]
+    tensors = {role: decode_to_tensors(index, labels, order) for role, (index, order, labels) in parts.items()}
+    sizes = {index.file_path(i): index.sizes[i] for index, order, _ in parts.values() for i in order.tolist()}
     variant = (f"{source}/fewshot/base={','.join(base)}/novel={','.join(novel)}@{pool_split}"
                + _subset_tag("base_train", base_train_per_class, split_seed)
                + _subset_tag("base_test", base_test_per_class, split_seed)
@@ -114,7 +104,7 @@ def fewshot_folders(
         mean=tuple(mean), std=tuple(std), augment=AugmentSpec(**(augment or {})),
         notes={"base_classes": base, "novel_classes": novel,
                "episode_pools": {"test": {"images": len(pool), "classes": len(novel)}}},
-        fingerprint=hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16],
+        fingerprint=listing_fingerprint(sizes, root_path),
         episode_pools={"test": pool},
     )
     return finalize(spec, 0.0, split_seed, limit_train, limit_test)

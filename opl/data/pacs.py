@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from opl.data.base import AugmentSpec, DataSpec
+from opl.data.folders import read_image
 from opl.data.prepare import finalize
 from opl.data.splits import seeded_subset
 from opl.errors import ConfigError, DatasetNotFoundError
@@ -132,13 +132,7 @@ class PacsImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        path = self.image_root / self.paths[i]
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as exc:  # PIL: unidentified or truncated image files
-            raise DatasetNotFoundError(f"{path}: unreadable image ({exc}); replace the file or fix its list") from exc
-        return self.transform(rgb), int(self.labels[i])
+        return self.transform(read_image(self.image_root / self.paths[i])), int(self.labels[i])
 
     def subset(self, index) -> "PacsImages":
         index = np.asarray(index, dtype=np.int64)

@@ -184,6 +184,8 @@ def fit_logistic_regression_torch(support, support_labels, query, C: float = 1.0
     return scores.cpu().numpy() if return_scores else scores.argmax(dim=2).cpu().numpy().astype(np.int64)
 
 
+# The solvers by the name `evaluators.episodes.solver` gives: (support, support_labels, query) -> predictions;
+# the torch one runs on the device the features are on.
 SOLVERS = {"sklearn": fit_logistic_regression_sklearn, "torch": fit_logistic_regression_torch}
 
 

@@ -33,10 +33,7 @@ from opl.data.augment import BatchAugment
 from opl.data.base import ImageTensors
 from opl.engine.distributed import all_gather_rows, broadcast_object, world
 from opl.errors import ConfigError
-from opl.eval.fewshot import (FEATURE_SOURCES, Episodes, evaluate_episodes, fit_logistic_regression_sklearn,
-                              fit_logistic_regression_torch, sample_episodes)
-
-SOLVERS = ("torch", "sklearn")
+from opl.eval.fewshot import FEATURE_SOURCES, SOLVERS, Episodes, evaluate_episodes, sample_episodes
 
 
 def view_params(augment: BatchAugment, n_images: int, seed: int, view: int) -> dict:
@@ -89,7 +86,8 @@ class EpisodeEvaluator:
     support_views: augmented copies of each support image, one number for every K or one per K
         (RFS: 5 for every K; the OPL authors: 5 for 1-shot, 1 for 5-shot). 0 = the un-augmented
         support images (not RFS: its support is always augmented, even with 1 copy).
-    solver: "torch" (batched Newton on the Trainer's device, float64) or "sklearn" (RFS's call).
+    solver: a key of `opl.eval.fewshot.SOLVERS`: "torch" (batched Newton, float64, where the features
+        are: the Trainer's device) or "sklearn" (RFS's call).
     amp: embed under the run's autocast (bf16 on CUDA) instead of float32 as RFS does.
     """
 
@@ -106,7 +104,7 @@ class EpisodeEvaluator:
             raise ConfigError(f"evaluators.episodes needs pools and distinct shots; got pools={list(self.pools)}, "
                               f"shots={list(self.shots)}")
         if solver not in SOLVERS:
-            raise ConfigError(f"evaluators.episodes.solver must be one of {SOLVERS}, got {solver!r}")
+            raise ConfigError(f"evaluators.episodes.solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         if feature_source not in FEATURE_SOURCES:
             raise ConfigError(f"evaluators.episodes.feature_source must be one of {FEATURE_SOURCES}, got {feature_source!r}")
         if min(n_way, n_query, n_episodes, chunk) < 1:
@@ -126,11 +124,6 @@ class EpisodeEvaluator:
                      for k in self.shots}
             cached = self._cache[name] = (pool.labels, drawn)
         return cached[1]
-
-    def _solver(self, device: torch.device):
-        if self.solver == "sklearn":
-            return fit_logistic_regression_sklearn
-        return functools.partial(fit_logistic_regression_torch, device=device)
 
     def _pool(self, trainer, name: str) -> ImageTensors:
         pools = trainer.data.episode_pools
@@ -165,7 +158,7 @@ class EpisodeEvaluator:
                 continue
             for k in self.shots:
                 metrics = evaluate_episodes(
-                    features, pool.labels, episodes[k], self._solver(trainer.device),
+                    features, pool.labels, episodes[k], SOLVERS[self.solver],
                     support_views=views[:self.views[k]] if self.views[k] else None,
                     feature_source=self.feature_source, chunk=self.chunk)
                 prefix = f"{name}_{self.n_way}w{k}s_"

@@ -18,8 +18,7 @@ of models/util.py:16 (miniImageNet, tieredImageNet) and :25 (CIFAR-FS, FC100):
 
 The ramp counter: RFS keeps a Python int per block, incremented on every forward call, training
 and evaluation alike, and lost on resume. Here it is one buffer, `dropblock_step`, saved with the
-weights, counting training-mode forward passes only; `set_dropblock_step` lets a trainer set it
-(e.g. to its global step, or to reproduce RFS's count including validation passes).
+weights, counting training-mode forward passes only.
 Parameter and module names follow RFS (layer1.0.conv1, ..., classifier), so RFS's released
 weights load with `load_state_dict(..., strict=False)` (only `dropblock_step` is absent there).
 Returns `(features, logits)`.
@@ -126,10 +125,6 @@ class ResNet12(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
-
-    def set_dropblock_step(self, step: int) -> None:
-        """Set how many training passes the DropBlock ramp has seen (the next pass counts step + 1)."""
-        self.dropblock_step.fill_(int(step))
 
     def dropblock_rate(self) -> torch.Tensor:
         """The DropBlock drop rate of the current pass: drop_rate * min(1, step / ramp_steps)."""
