@@ -223,13 +223,16 @@ class WandbLogger:
         self.run.finish(exit_code=exit_code)
 
 
+PROGRESS_MODES = ("auto", "bar", "line", "silent")
+
+
 class Progress:
     """A tqdm bar per epoch on a terminal; one line per epoch otherwise; nothing when "silent"
     (the other processes of a data-parallel run)."""
 
     def __init__(self, mode: str = "auto"):
-        if mode not in ("auto", "bar", "line", "silent"):
-            raise ValueError(f"progress must be auto, bar or line, got {mode!r}")
+        if mode not in PROGRESS_MODES:
+            raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {mode!r}")
         self.bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self.silent = mode == "silent"
         self._tqdm = None

@@ -55,7 +55,7 @@ def make_trainer(run_dir, capture="step_only", data=None, step=StandardStep, cal
 
 
 def step_by_step(trainer: Trainer, steps: int) -> list[tuple[float, float]]:
-    """(loss, learning rate after the step) of each of `steps` single training steps."""
+    """(loss, learning rate the step ran with) of each of `steps` single training steps."""
     records = [trainer.train_steps(1) for _ in range(steps)]
     return [(r["train_loss"], r["lr"]) for r in records]
 
@@ -74,8 +74,10 @@ def test_capture_modes_train_like_the_reference(tmp_path, capture, loader):
     trainer = make_trainer(tmp_path / capture, capture, loader=loader)
     got = step_by_step(trainer, 7)
     # Warm-up over epoch 1 (3 iterations, from LR 0), halved from epoch 2 (opl/engine/schedule.py).
-    assert [lr for _, lr in expected] == pytest.approx([0.05 / 3, 0.05 * 2 / 3, 0.025, 0.025, 0.025, 0.025, 0.025])
+    assert [lr for _, lr in expected] == pytest.approx([0.0, 0.05 / 3, 0.05 * 2 / 3, 0.025, 0.025, 0.025, 0.025])
     assert [lr for _, lr in got] == pytest.approx([lr for _, lr in expected], rel=1e-6)
+    # The LR for an 8th step, one iteration past the end of the table of the 6 the run has.
+    assert float(trainer.optimizer.param_groups[0]["lr"]) == pytest.approx(reference.optimizer.param_groups[0]["lr"], rel=1e-6)
     assert [loss for loss, _ in got] == pytest.approx([loss for loss, _ in expected], rel=1e-5)
     assert_same_weights(reference.model, trainer.model, rtol=1e-5, atol=1e-6)
     assert trainer.scheduler.last_epoch == reference.scheduler.last_epoch == 7  # the host scheduler follows

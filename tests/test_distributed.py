@@ -1,7 +1,9 @@
 """Data-parallel training with the one Trainer: two gloo processes under torchrun on the CPU match one
 process with the whole batch; OPL's global scope equals the single-process loss (value and
 gradient); only rank 0 writes; a run resumes with another world size; a failing rank ends the job;
-the launcher environments (torchrun, SLURM, submitit) are read correctly."""
+sharded evaluation (classification and PGD) of a batch-norm model equals one process evaluating
+the checkpoint; a NaN on one rank stops both at the same step; the launcher environments
+(torchrun, SLURM, submitit) are read correctly."""
 
 import functools
 import json
@@ -17,16 +19,21 @@ from torch import nn
 
 from opl.data.digits import digits
 from opl.engine.distributed import DistributedContext, expand_nodelist
+from opl.engine.evaluate import ClassificationEvaluator
 from opl.engine.trainer import Trainer, TrainerConfig
 from opl.errors import ConfigError
+from opl.eval.adversarial import RobustAccuracy, robust_accuracy
 from opl.losses import OrthogonalProjectionLoss, ce_plus_opl
 from opl.methods import StandardStep
+from opl.models import MLP
 from opl.seed import seed_everything
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_AFTER = 2
 SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
 SCHEDULE = {"kind": "multistep", "milestones": [3], "gamma": 0.2, "warmup_epochs": 1}
+ROBUST_LIMIT = 37  # odd: rank 0 attacks 19 of these images, rank 1 18, each a part of its first batch
+NAN_AT_STEP = 5  # rank 1's loss turns NaN at its 5th step, the first NaN check (log_every=5)
 
 
 class PlainMLP(nn.Module):
@@ -43,13 +50,21 @@ class PlainMLP(nn.Module):
         return features, self.fc(features)
 
 
-def make_trainer(run_dir, callbacks=(), epochs=4, **overrides):
+def make_trainer(run_dir, callbacks=(), epochs=4, batch_norm=False, criterion=None, evaluators=None, **overrides):
     seed_everything(0)
     data = digits(10, [0.3053], [0.3759], limit_train=448, limit_test=200)
     cfg = TrainerConfig(**{"epochs": epochs, "batch_size": 64, "eval_batch_size": 64, "device": "cpu",
                            "num_workers": 0, "progress": "line", **overrides})
-    step = StandardStep(PlainMLP(), ce_plus_opl(scope="global"))
-    return Trainer(cfg, step, data, SGD, SCHEDULE, run_dir, seed=0, callbacks=callbacks)
+    model = MLP(10, 64, (64, 32)) if batch_norm else PlainMLP()
+    step = StandardStep(model, criterion or ce_plus_opl(scope="global"))
+    return Trainer(cfg, step, data, SGD, SCHEDULE, run_dir, seed=0, callbacks=callbacks, evaluators=evaluators)
+
+
+def batch_norm_evaluators():
+    """Classification, and PGD with no random start (deterministic, so one process must reproduce
+    the sharded count exactly) on the first ROBUST_LIMIT test images."""
+    return {"classification": ClassificationEvaluator(geometry=False),
+            "robust": RobustAccuracy(eps=8.0, step_size=2.0, steps=3, limit=ROBUST_LIMIT, start="none")}
 
 
 def torchrun(mode: str, out: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -116,6 +131,47 @@ def test_resume_with_another_world_size(two_process_run, tmp_path):
     assert_close_weights(resumed.model.state_dict(), uninterrupted.model.state_dict())
     epochs = [json.loads(line)["epoch"] for line in (two_process_run / "rank0" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def consistency_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_consistency")
+    proc = torchrun("consistency", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_sharded_evaluation_of_batch_norm_equals_one_process_on_the_checkpoint(consistency_run, tmp_path):
+    """After the last step each rank's BN statistics include its own batch; the evaluation must still
+    be of one model: rank 0's, the one last.pt holds (what eval_only reproduces)."""
+    before = [torch.tensor(json.loads((consistency_run / f"running_mean_rank{r}.json").read_text())) for r in (0, 1)]
+    assert not torch.allclose(before[0], before[1], atol=1e-4)  # the ranks did hold different statistics
+    logged = json.loads((consistency_run / "rank0" / "metrics.jsonl").read_text().splitlines()[-1])
+    rank1 = json.loads((consistency_run / "evaluation_rank1.json").read_text())
+    single = make_trainer(tmp_path, epochs=1, batch_norm=True, evaluators=batch_norm_evaluators())
+    single.load_weights(consistency_run / "rank0" / "last.pt")
+    expected = single.evaluate_all()
+    for evaluation in (logged, rank1):
+        assert evaluation["test_loss"] == pytest.approx(expected["test_loss"], rel=1e-5)
+        assert evaluation["test_top1"] == expected["test_top1"]
+        # PGD over the first ROBUST_LIMIT images of the whole test set, counted over both ranks.
+        assert evaluation["test_adv_images"] == expected["test_adv_images"] == ROBUST_LIMIT
+        assert evaluation["test_adv_top1"] == expected["test_adv_top1"]
+    # The images a per-rank limit would attack on rank 0 (its shard's first ROBUST_LIMIT) score
+    # otherwise, so the comparison above tells the two apart.
+    x, y, index = (torch.cat(parts) for parts in zip(*single.eval_loader("test")))
+    own = index[0::2][:ROBUST_LIMIT]
+    robust = batch_norm_evaluators()["robust"]
+    per_rank = robust_accuracy(single.model, [(x[own], y[own], own)], single.autocast, single.data.mean, single.data.std,
+                               robust.eps / 255, robust.step_size / 255, robust.steps, start=robust.start)
+    assert per_rank["adv_images"] == ROBUST_LIMIT and per_rank["adv_top1"] != expected["test_adv_top1"]
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(consistency_run):
+    """Without agreement rank 1 stops alone and rank 0 dies waiting in the next all-reduce."""
+    stops = [json.loads((consistency_run / f"nan_rank{r}.json").read_text()) for r in (0, 1)]
+    assert stops[0] == stops[1]
+    assert stops[0]["step"] == NAN_AT_STEP and f"at step {NAN_AT_STEP} (epoch 1)" in stops[0]["message"]
 
 
 def test_a_failing_rank_ends_the_job(tmp_path):

@@ -1,15 +1,16 @@
 """The shared trainer end to end on tiny real data (digits): training, resume, checkpoints,
-selection protocols and failure modes."""
+selection protocols, the logged LR, the epoch line and failure modes."""
 
 import functools
 import json
+import re
 
 import pytest
 import torch
 
 from opl.data.digits import digits
 from opl.engine.checkpoint import atomic_save, load_checkpoint
-from opl.engine.trainer import Trainer, TrainerConfig
+from opl.engine.trainer import COMPILE_MODES, Trainer, TrainerConfig
 from opl.errors import CheckpointError, ConfigError, NonFiniteLossError
 from opl.losses import ClassificationLoss, ce_plus_opl
 from opl.methods import StandardStep
@@ -252,3 +253,124 @@ def test_resume_refuses_a_checkpoint_of_another_seed(tmp_path):
     make_trainer(tmp_path, epochs=1).fit()
     with pytest.raises(CheckpointError, match="seed 0, this run has seed 4"):
         make_trainer(tmp_path, seed=4).resume(tmp_path / "last.pt")
+
+
+def test_logged_lr_is_the_lr_the_epoch_ran_with(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3)
+    used = []  # the LR of every optimizer step, read as the step runs
+    trainer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]["lr"]))
+    trainer.fit()
+    iters = len(trainer.train_loader)
+    records = lines(tmp_path / "metrics.jsonl")
+    for record in records:
+        ran = used[(record["epoch"] - 1) * iters:record["epoch"] * iters]
+        assert (record["lr"], record["lr_last"]) == pytest.approx((ran[0], ran[-1]), rel=1e-12)
+    # Warm-up from 0 over epoch 1, then milestone 2: epoch 1 must not log epoch 2's decayed LR.
+    assert (records[0]["lr"], records[0]["lr_last"]) == pytest.approx((0.0, 0.05 * (iters - 1) / iters))
+    assert [r["lr"] for r in records[1:]] == pytest.approx([0.01, 0.01])
+
+
+class ScriptedVal:
+    """An evaluator that reports a given validation accuracy per call (and nothing else)."""
+
+    def __init__(self, accuracies):
+        self.accuracies = list(accuracies)
+
+    def __call__(self, trainer) -> dict:
+        return {"val_top1": self.accuracies.pop(0)}
+
+
+def best_val_epoch(run_dir):
+    return load_checkpoint(run_dir / "best_val.pt")["epoch"]
+
+
+def test_best_val_weights_never_run_ahead_of_the_checkpoint(tmp_path):
+    """ckpt_every=2 and a crash after epoch 3, the best so far: last.pt (epoch 2) selects epoch 2,
+    so must best_val.pt. Resumed, epochs 3-4 validate worse: epoch 2 stays the selection."""
+    trainer = make_trainer(tmp_path, ckpt_every=2, evaluators={"v": ScriptedVal([10, 20, 30])},
+                           callbacks=(crash_after(3),))
+    with pytest.raises(Crash):
+        trainer.fit()
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    assert checkpoint["state"]["epoch"] == 2 and checkpoint["state"]["best_val"]["epoch"] == 2
+    assert best_val_epoch(tmp_path) == 2
+    resumed = make_trainer(tmp_path, ckpt_every=2, evaluators={"v": ScriptedVal([15, 15])})
+    resumed.resume(tmp_path / "last.pt")
+    summary = resumed.fit()
+    assert summary["best_val_selected_test"]["epoch"] == best_val_epoch(tmp_path) == 2
+    best = load_checkpoint(tmp_path / "best_val.pt")["model"]
+    assert all(torch.equal(best[k], v) for k, v in checkpoint["model"].items())
+    assert not (tmp_path / "best_val.pending.pt").exists()
+
+
+def test_a_crash_between_last_pt_and_best_val_is_repaired(tmp_path, monkeypatch):
+    promote = Trainer._promote_best_val
+
+    def crash_in_the_final_epoch(self):
+        if self.state.epoch == 2:
+            raise Crash("after last.pt, before best_val.pt")
+        promote(self)
+
+    monkeypatch.setattr(Trainer, "_promote_best_val", crash_in_the_final_epoch)
+    trainer = make_trainer(tmp_path, epochs=2, evaluators={"v": ScriptedVal([10, 20])})
+    with pytest.raises(Crash):
+        trainer.fit()
+    monkeypatch.undo()
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    assert checkpoint["state"]["best_val"]["epoch"] == 2 and best_val_epoch(tmp_path) == 1
+    resumed = make_trainer(tmp_path, epochs=2, evaluators={})
+    resumed.resume(tmp_path / "last.pt")
+    resumed.fit()  # no epoch left: only the repair
+    assert best_val_epoch(tmp_path) == 2
+    best = load_checkpoint(tmp_path / "best_val.pt")["model"]
+    assert all(torch.equal(best[k], v) for k, v in checkpoint["model"].items())
+
+
+class LossOnlyStep(StandardStep):
+    """The TrainingStep interface's minimum: the loss alone."""
+
+    def forward(self, x, y, index):
+        return {"loss": super().forward(x, y, index)["loss"]}
+
+
+class FewShotLike:
+    def __call__(self, trainer) -> dict:
+        return {"val_top1": 50.0, "test_5w1s_acc": 61.5, "test_5w1s_ci95": 0.8, "test_5w1s_episodes_hash": "ab12"}
+
+
+def test_epoch_line_shows_what_the_step_and_evaluators_report(tmp_path, capsys):
+    number = r"\d+\.\d\d"
+    make_trainer(tmp_path / "standard", epochs=1, val=0.1).fit()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"epoch 1/1  loss \d+\.\d{{4}}  train@1 {number}  lr 0  \d+ img/s  test@1 {number}  "
+                        rf"test@5 {number}  val@1 {number}", line), line
+    # A step without train_top1, an evaluator without test_top1 (the authors' selection then has nothing to select on).
+    summary = make_trainer(tmp_path / "generic", epochs=2, step=LossOnlyStep, evaluators={"f": FewShotLike()},
+                           test_selection_after_epoch=0).fit()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"epoch 2/2  loss \d+\.\d{{4}}  lr 0.01  \d+ img/s  test_5w1s_acc 61.50  val@1 50.00", line), line
+    assert summary["authors_best_on_test"] is None and summary["best_val_selected_test"]["epoch"] == 1
+
+
+@pytest.mark.parametrize("key, value, accepted", [
+    ("loader", "gpu", "auto, device, dataloader"),
+    ("progress", "fancy", "auto, bar, line, silent"),
+    ("compile_mode", "fast", "auto, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
+])
+def test_trainer_choices_are_one_line_config_errors(key, value, accepted):
+    with pytest.raises(ConfigError) as err:
+        TrainerConfig(**{key: value})
+    assert str(err.value) == f"trainer.{key} must be one of {accepted}, got '{value}'"
+    for choice in accepted.split(", "):
+        TrainerConfig(**{key: choice})
+
+
+def test_compile_modes_are_the_ones_torch_compile_knows():
+    from torch._inductor import list_mode_options
+
+    assert set(COMPILE_MODES) - {"auto"} <= set(list_mode_options())
+
+
+def test_sync_bn_without_cuda_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"^trainer.sync_bn needs CUDA"):
+        make_trainer(tmp_path, sync_bn=True)

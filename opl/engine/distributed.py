@@ -119,6 +119,16 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:int(n)] for part, n in zip(parts, counts)])
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (e.g. batch-norm running statistics) in every rank's `module`. DDP sends them
+    only at the start of each training forward, so after a step every rank's statistics include its
+    own batch; evaluating then would shard the data over slightly different models."""
+    if world()[1] == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def broadcast_object(value):
     """Rank 0's `value` on every rank."""
     if world()[1] == 1:

@@ -12,6 +12,7 @@ host synchronises once per `log_every` steps and at the end of each epoch.
 
 import contextlib
 import itertools
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,17 +26,24 @@ from opl.data.base import DataSpec
 from opl.data.loaders import build_loader
 from opl.engine.capture import CAPTURE_MODES, AugmentedStep, WholeStep
 from opl.engine.checkpoint import atomic_save, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state
-from opl.engine.distributed import world
+from opl.engine.distributed import broadcast_buffers, world
 from opl.engine.evaluate import ClassificationEvaluator, predict
-from opl.engine.schedule import build_scheduler, set_iteration
+from opl.engine.schedule import build_scheduler, scheduled_lrs, set_iteration
 from opl.errors import CheckpointError, ConfigError, NonFiniteLossError
-from opl.logging import JsonlWriter, Progress
+from opl.logging import PROGRESS_MODES, JsonlWriter, Progress
 from opl.methods.base import TrainingStep
 from opl.runinfo import resolve_device
 from opl.seed import set_deterministic
 
 CHECKPOINT_FORMAT = 2
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
+# The modes torch.compile documents (torch 2.11 on), plus auto.
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+LOADERS = ("auto", "device", "dataloader")
+NO_BAD_STEP = torch.iinfo(torch.int64).max  # what a rank without a non-finite loss contributes to the MIN
+# The epoch line's short names of the metrics it has always shown; other accuracies keep their keys.
+EPOCH_LINE_NAMES = {"train_top1": "train@1", "test_top1": "test@1", "test_top5": "test@5", "test_adv_top1": "adv@1",
+                    "val_top1": "val@1"}
 
 
 @dataclass
@@ -66,7 +74,7 @@ class TrainerConfig:
     # The authors' protocol: the best TEST accuracy over the epochs after this one (model selection
     # on the test set). Reported under a name that says so, never as the main number.
     test_selection_after_epoch: int | None = None
-    progress: str = "auto"  # auto | bar | line
+    progress: str = "auto"  # auto | bar | line | silent
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every", "ckpt_every"):
@@ -76,6 +84,9 @@ class TrainerConfig:
             raise ConfigError(f"trainer.amp must be auto, bf16, fp16 or none, got {self.amp!r}")
         if self.compile not in (True, False, "auto"):
             raise ConfigError(f"trainer.compile must be true, false or auto, got {self.compile!r}")
+        for name, accepted in (("compile_mode", COMPILE_MODES), ("loader", LOADERS), ("progress", PROGRESS_MODES)):
+            if getattr(self, name) not in accepted:
+                raise ConfigError(f"trainer.{name} must be one of {', '.join(accepted)}, got {getattr(self, name)!r}")
         if self.capture not in CAPTURE_MODES:
             raise ConfigError(f"trainer.capture must be one of {', '.join(CAPTURE_MODES)}, got {self.capture!r}")
         if self.num_workers < 0:
@@ -138,6 +149,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.sync_bn and self.device.type != "cuda":
+            raise ConfigError(f"trainer.sync_bn needs CUDA (SyncBatchNorm), the device is {self.device}; use sync_bn=false")
         if cfg.sync_bn and self.world_size > 1:
             step = torch.nn.SyncBatchNorm.convert_sync_batchnorm(step)
         self.training_step = step.to(self.device, memory_format=memory_format)
@@ -228,6 +241,33 @@ class Trainer:
     def last_checkpoint(self) -> Path:
         return self.run_dir / "last.pt"
 
+    # best_val.pt changes only once a checkpoint records its epoch (state.best_val): the weights of a
+    # newly selected epoch wait in best_val.pending.pt until then, so after a crash best_val.pt is
+    # never ahead of last.pt, and `_settle_best_val` repairs the one gap (a crash between the two).
+    @property
+    def best_val_weights(self) -> Path:
+        return self.run_dir / "best_val.pt"
+
+    @property
+    def _pending_best_val(self) -> Path:
+        return self.run_dir / "best_val.pending.pt"
+
+    def _promote_best_val(self) -> None:
+        if self._pending_best_val.exists():
+            os.replace(self._pending_best_val, self.best_val_weights)
+
+    def _settle_best_val(self) -> None:
+        """Before training continues: a pending best-validation file holds either the epoch the
+        checkpoint selected (the crash came before its promotion: promote it) or a later epoch that
+        will run again (drop it)."""
+        if not self.is_main or not self._pending_best_val.exists():
+            return
+        selected = (self.state.best_val or {}).get("epoch")
+        if selected is not None and load_checkpoint(self._pending_best_val)["epoch"] == selected:
+            self._promote_best_val()
+        else:
+            self._pending_best_val.unlink()
+
     def save_checkpoint(self) -> None:
         if not self.is_main:
             return
@@ -244,6 +284,7 @@ class Trainer:
             "step_rng": self.training_step.rng_state(),
             "state": vars(self.state),
         }, self.last_checkpoint)
+        self._promote_best_val()
         self.checkpoint_epoch = self.state.epoch
 
     def resume(self, path: str | Path) -> None:
@@ -282,7 +323,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def _check_finite(self, bad_step: torch.Tensor) -> None:
-        step = int(bad_step)
+        """Stop at the first step whose loss was not finite. All ranks check at the same steps and
+        agree on the earliest bad step of any rank, so all stop together (a rank that went on would
+        wait forever in the next gradient all-reduce)."""
+        if self.world_size > 1:
+            first = torch.where(bad_step < 0, NO_BAD_STEP, bad_step)
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+            step = int(first)
+            step = -1 if step == NO_BAD_STEP else step
+        else:
+            step = int(bad_step)
         if step >= 0:
             kept = (f"the last good checkpoint is {self.last_checkpoint}"
                     if self.last_checkpoint.exists() else "no checkpoint had been written yet")
@@ -305,8 +355,11 @@ class Trainer:
         return parts
 
     def _run_steps(self, batches: Iterator, steps: int) -> dict:
-        """`steps` optimisation steps over `batches`; the mean of every loss part, timing and LR."""
+        """`steps` optimisation steps over `batches`: the mean of every part the step returns
+        (`train_<part>`), timing, and the learning rate of the first step (`lr`) and of the last
+        (`lr_last`), from parameter group 0."""
         self.model.train()
+        first_iteration = self.scheduler.last_epoch  # the iteration the first step runs (host scheduler in sync)
         sums, keys, seen, since_sync = None, None, 0, 0
         bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         step_no = torch.full((), self.state.global_step, dtype=torch.int64, device=self.device)
@@ -338,7 +391,9 @@ class Trainer:
         seconds = time.perf_counter() - start
         means = (sums / seen).tolist()
         record = {f"train_{k}": v for k, v in zip(keys, means)}
-        record.update(epoch_time_s=seconds, images_per_s=seen / seconds, lr=float(self.optimizer.param_groups[0]["lr"]))
+        record.update(epoch_time_s=seconds, images_per_s=seen / seconds,
+                      lr=scheduled_lrs(self.scheduler, first_iteration)[0],
+                      lr_last=scheduled_lrs(self.scheduler, self.scheduler.last_epoch - 1)[0])
         return record
 
     def _train_epoch(self, epoch: int) -> dict:
@@ -370,9 +425,13 @@ class Trainer:
     def predict(self, split: str) -> tuple:
         """(None, logits, labels) of the current model over a whole split ("train", "val", "test") in
         its stored order, without augmentation (e.g. the training set, for the truncated loss's weights)."""
+        broadcast_buffers(self.model)
         return predict(self.model, self.eval_loader(split), self.autocast, keep_features=False)
 
     def evaluate_all(self) -> dict:
+        """Every evaluator's metrics of the current model. Data-parallel evaluators shard the data,
+        so every rank first takes rank 0's buffers: one model (the one `last.pt` saves) is evaluated."""
+        broadcast_buffers(self.model)
         out = {}
         for evaluator in self.evaluators.values():
             out.update(evaluator(self))
@@ -384,9 +443,9 @@ class Trainer:
         if "val_top1" in evaluation and (self.state.best_val is None or evaluation["val_top1"] > self.state.best_val["val_top1"]):
             self.state.best_val = {"epoch": epoch, "val_top1": evaluation["val_top1"], **test}
             if self.is_main:
-                atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self.run_dir / "best_val.pt")
+                atomic_save({"model": self.model.state_dict(), "epoch": epoch}, self._pending_best_val)
         after = self.cfg.test_selection_after_epoch
-        if after is not None and epoch > after and (
+        if after is not None and epoch > after and "test_top1" in evaluation and (
                 self.state.best_test is None or evaluation["test_top1"] > self.state.best_test["test_top1"]):
             self.state.best_test = {"epoch": epoch, **test}
 
@@ -396,6 +455,7 @@ class Trainer:
         # checkpoint (or before the first one) are dropped, never duplicated.
         if self.is_main:
             self.metrics.truncate_after(self.state.epoch)
+        self._settle_best_val()
         first_epoch_of_process = True
         # Per-epoch state of any part of the step (e.g. the truncated loss's weights).
         hooks = [m.before_epoch for m in self.training_step.modules() if callable(getattr(m, "before_epoch", None))]
@@ -430,15 +490,18 @@ class Trainer:
         return self.summary()
 
     def _epoch_line(self, r: dict) -> str:
-        line = (f"epoch {r['epoch']}/{self.cfg.epochs}  loss {r['train_loss']:.4f}  train@1 {r['train_top1']:.2f}  "
-                f"lr {r['lr']:.4g}  {r['images_per_s']:.0f} img/s")
-        if "test_top1" in r:
-            line += f"  test@1 {r['test_top1']:.2f}  test@5 {r['test_top5']:.2f}"
-        if "test_adv_top1" in r:
-            line += f"  adv@1 {r['test_adv_top1']:.2f}"
-        if "val_top1" in r:
-            line += f"  val@1 {r['val_top1']:.2f}"
-        return line
+        """The epoch's headline numbers: the mean loss, each accuracy the step and the evaluators
+        reported (a key ending in top1 or acc, and test_top5; the step's first, then test, then the
+        rest), the first step's LR and the throughput. metrics.jsonl has everything."""
+        def accuracies(keys) -> list[str]:
+            return [f"{EPOCH_LINE_NAMES.get(k, k)} {r[k]:.2f}" for k in keys
+                    if (k in EPOCH_LINE_NAMES or k.endswith(("top1", "_acc")))
+                    and isinstance(r[k], (int, float)) and not isinstance(r[k], bool)]
+
+        train = [k for k in r if k.startswith("train_")]
+        evaluated = sorted((k for k in r if k not in train), key=lambda k: not k.startswith("test_"))
+        return "  ".join([f"epoch {r['epoch']}/{self.cfg.epochs}", f"loss {r['train_loss']:.4f}", *accuracies(train),
+                          f"lr {r['lr']:.4g}", f"{r['images_per_s']:.0f} img/s", *accuracies(evaluated)])
 
     def summary(self) -> dict:
         """Test metrics under each selection protocol, all with the same keys (top1, top5, ...)."""

@@ -12,6 +12,9 @@ experiments (paper.md section 3: PGD-trained CIFAR models, with and without OPL)
 * `fgsm`: Goodfellow et al. (ICLR 2015): a single signed step of size eps from the clean image.
 
 `RobustAccuracy` is the evaluator the adversarial experiments add: top-1 under PGD on the test set.
+In a data-parallel run each process attacks its shard of the images and the counts are summed
+over the processes, so every rank reports the accuracy over the whole set (or its first `limit`
+images, in the split's order).
 
 The attacked `forward` maps PIXEL images to logits; `normalized_forward` builds it from a model that
 expects normalised input, so the eps-ball is always measured in pixel units. Gradients are taken
@@ -26,6 +29,8 @@ from contextlib import AbstractContextManager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from opl.engine.distributed import world
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 STARTS = ("uniform", "uniform_unclamped", "normal", "none")
@@ -129,25 +134,31 @@ def to_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 
 def robust_accuracy(model: nn.Module, loader, autocast, mean, std, eps: float, step_size: float, steps: int,
                     limit: int | None = None, generator: torch.Generator | None = None, start: str = "uniform") -> dict:
-    """Top-1 (%) under PGD-`steps` (eps, step size in pixel units) over the first `limit` images."""
+    """Top-1 (%) under PGD-`steps` (eps, step size in pixel units) over the images of the split
+    whose position (the loader's index) is below `limit`, or all. The loader may hold one
+    process's shard (positions increasing within it): the counts are summed over the processes."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     forward = normalized_forward(model, mean, std, autocast)
-    mean_view, std_view = channel_views(mean, std, next(model.parameters()).device)
-    correct, seen = None, 0
-    for x, y, _ in loader:
+    mean_view, std_view = channel_views(mean, std, device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, attacked
+    for x, y, index in loader:
         if limit is not None:
-            if seen >= limit:
+            keep = index < limit
+            if not keep.any():
                 break
-            x, y = x[:limit - seen], y[:limit - seen]
+            x, y = x[keep], y[keep]
         adversarial = pgd_linf(forward, to_pixels(x, mean_view, std_view), y, eps, step_size, steps,
                                start=start, generator=generator)
         with torch.no_grad():
-            hits = (forward(adversarial).argmax(dim=1) == y).sum()
-        correct = hits if correct is None else correct + hits
-        seen += y.shape[0]
+            counts[0] += (forward(adversarial).argmax(dim=1) == y).sum()
+        counts[1] += y.shape[0]
     model.train(was_training)
-    return {"adv_top1": 100.0 * correct.item() / seen, "adv_images": seen}
+    if world()[1] > 1:
+        torch.distributed.all_reduce(counts)
+    correct, seen = counts.tolist()
+    return {"adv_top1": 100.0 * correct / seen, "adv_images": seen}
 
 
 class RobustAccuracy:
