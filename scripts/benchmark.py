@@ -37,8 +37,10 @@ autotuning, DataLoader worker start-up), timed and reported as `warmup_s` but ex
 throughput, then `--steps` timed steps with `torch.cuda.synchronize()` at both ends. The batch
 stream continues from warm-up into the timed steps (workers already running), and runs over as
 many epochs of the training set as needed; with the default 45,000 images, warm-up + timed steps
-(250 x 128) stay inside one epoch. Trainer construction (model and data to the device) is
-reported separately as `setup_s`.
+(250 x 128) stay inside one epoch. At a larger batch they would not (45,000 = 87 x 512 + 456: the
+smaller last batch compiles new graphs among the steps, and the script warns); keep them in one
+epoch with `--images`, e.g. `--batch-size 512 --images 65536 --steps 100 --warmup-steps 20`. Trainer
+construction (model and data to the device) is reported separately as `setup_s`.
 
 How to read the result
 ----------------------
@@ -513,6 +515,17 @@ def _ratio(num, den):
     return num / den if num is not None and den else None
 
 
+def partial_batch_warning(images: int, batch: int, steps: int, drop_last: bool) -> str | None:
+    """Why a/b's figures would be off when their `steps` (warm-up + timed) reach the end of an epoch
+    whose last batch is smaller: that batch compiles and captures graphs of its own among the steps."""
+    full, rest = divmod(images, batch)
+    if drop_last or rest == 0 or steps <= full:
+        return None
+    return (f"warning: {steps} steps of {batch} reach the end of an epoch of {images} images, whose last batch of "
+            f"{rest} compiles new graphs among the measured steps; pass --images {steps * batch} (or another "
+            "multiple of the batch that holds every step) to keep them inside one epoch")
+
+
 def planned_runs(args) -> list[tuple[str, str, str | None]]:
     """(configuration id, result name, capture mode) in the order they run: a, b, c, then "ours"
     under the further capture modes (last, so that a failing mode cannot disturb a, b or c)."""
@@ -544,6 +557,10 @@ def main(argv=None) -> dict:
             data = build_data(recipe, args)
             if len(data.train) < args.batch_size:
                 raise OPLError(f"the training split has {len(data.train)} images, fewer than one batch")
+            warning = partial_batch_warning(len(data.train), args.batch_size, args.warmup_steps + args.steps,
+                                            bool(recipe.trainer.drop_last))
+            if warning and ("a" in args.configs or "b" in args.configs):
+                print(warning, flush=True)  # stdout is stderr here
             configs = {}
             with tempfile.TemporaryDirectory(prefix="opl-benchmark-") as run_dir:
                 for key, name, capture in planned_runs(args):

@@ -11,8 +11,9 @@ A run counts as finished when its folder has results.json and the DONE marker; f
 by force=true (superseded-*) are skipped. Each record stores the overrides of its configuration
 against the experiment's current definition (so a table cell can ask for the experiment as
 defined, or for one sweep point), the per-epoch evaluations of metrics.jsonl (for the figures),
-and what produced it (config, commit, device). Records already in the file are kept; the same run
-key collected again keeps the later-finished run. Exit 2 with a message on a malformed input.
+and what produced it (config, commit, device). Records already in the file are kept; a run key
+collected again keeps the later-finished run, and the same run collected again replaces its record
+(refreshing its overrides against today's definition). Exit 2 with a message on a malformed input.
 """
 
 import argparse
@@ -21,18 +22,16 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for folder in (REPO_ROOT, REPO_ROOT / "scripts"):  # the library, and experiment_configs beside this script
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
+from experiment_configs import ExperimentDefaults  # noqa: E402
 from opl.errors import OPLError  # noqa: E402
+from opl.results.records import (RecordError, config_overrides, load_records, make_record, merge_records,  # noqa: E402
+                                 read_history, write_records)
 
 COMMITTED = REPO_ROOT / "results" / "records.jsonl"
-from opl.results.records import (RecordError, config_overrides, load_records, make_record, merge_records,  # noqa: E402
-                                 read_history, strip_keys, write_records)
 
 
 def finished_runs(roots: list[Path]) -> list[Path]:
@@ -45,28 +44,6 @@ def finished_runs(roots: list[Path]) -> list[Path]:
             if (results.parent / "DONE").exists() and not any(p.startswith("superseded-") for p in inside):
                 found.add(results.parent)
     return sorted(found)
-
-
-class ExperimentDefaults:
-    """The experiment configuration `train.py experiment=<name>` composes today, run-control keys removed."""
-
-    def __init__(self):
-        self.cache = {}
-
-    def __call__(self, name: str) -> dict:
-        if name not in self.cache:
-            try:
-                with initialize_config_dir(str(REPO_ROOT / "configs"), version_base="1.3"):
-                    cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
-            except HydraException as exc:
-                raise RecordError(f"experiment {name!r} no longer composes ({exc}); its runs cannot be labelled") from exc
-            excluded = [k for k in cfg.hydra.job.config.override_dirname.exclude_keys if k != "seed"]
-            container = OmegaConf.to_container(cfg, resolve=False)
-            del container["hydra"]
-            # Resolved (e.g. model.num_classes) as the run's own configuration is.
-            resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
-            self.cache[name] = strip_keys(resolved, excluded)
-        return self.cache[name]
 
 
 def record_of(run_dir: Path, defaults: ExperimentDefaults) -> dict:

@@ -2,28 +2,33 @@
 
     bash scripts/gpu_check.sh OUT_DIR CIFAR10_JPG_TARBALL       # the shell wrapper installs .whl/ first
     python scripts/gpu_check.py OUT_DIR CIFAR10_JPG_TARBALL [--parts ...] [--hard-limit-s S] [--cpu-smoke]
+                                [--commit SHA]
 
 Parts, each in its own process with its own time limit, every one reporting pass / fail / skipped
-/ timeout and its figures, none stopping the others:
+/ timeout and its figures, none stopping the others (an unexpected error in one is that part's
+failure, and the others still run):
 
-  pytest    python -m pytest -q -m gpu (tests/test_gpu.py): the CUDA tests
-  bench128  scripts/benchmark.py at the paper's recipe (ResNet-56, batch 128): a (ours, CE+OPL),
-            b (ours, CE), c (the authors'-style loop), and "ours" under every trainer.capture mode
-            side by side, with the fastest mode named
+  pytest    python -m pytest -q -m gpu tests/test_gpu.py: the CUDA tests (only that file, so that
+            modules needing scipy, sklearn or matplotlib, absent from a bare GPU image, are never
+            collected)
   train     a real-data run, `train.py experiment=cifar10_opl dataset=cifar10_jpg` for 15 epochs on
             the extracted archive: final test top-1, epoch times, and the extrapolated time of the
             full 200-epoch CIFAR-100 run with its per-epoch evaluation (same image counts: 45,000
             train, 5,000 validation, 10,000 test)
   eval      `train.py ... eval_only=true` on that run's checkpoint: the same test top-1
+  bench128  scripts/benchmark.py at the paper's recipe (ResNet-56, batch 128): a (ours, CE+OPL),
+            b (ours, CE), c (the authors'-style loop), and "ours" under every trainer.capture mode
+            side by side, with the fastest mode named
   bench512  the benchmark again at batch 512
 
 To fit about 8 minutes, the compile-heavy, untimed work runs first and concurrently (the CUDA
 tests, the extraction, and one short benchmark process per compiled configuration of bench128 and
-bench512 that fills torch.compile's on-disk caches); the timed parts then run one after the other, so their
-figures are not disturbed. Every process is killed by `--hard-limit-s` after the start, and a part
-starts only while its usual duration still fits before it (else it is reported as skipped), so the
-check always returns its summary. The benchmark's warm-up figures are therefore warm-cache figures; the
-real-data run compiles cold, inside its first epoch.
+bench512 that fills torch.compile's on-disk caches); the timed parts then run one after the other,
+in the order above, so their figures are not disturbed and the 200-epoch estimate (train, eval)
+comes before the benchmarks. Every process is killed by `--hard-limit-s` after the start, and a
+part starts only while its usual duration still fits before it (else it is reported as skipped),
+so the check always returns its summary. The benchmark's warm-up figures are therefore warm-cache
+figures; the real-data run compiles cold, inside its first epoch.
 
 Output (flat, few files): OUT_DIR/summary.json (written after every part), gpu_check.log (this
 script's own log), pytest.log, bench.log, train.log, eval.log. Scratch (extracted data, run
@@ -56,7 +61,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from opl.io import atomic_write_text  # noqa: E402
 
-PARTS = ("pytest", "bench128", "train", "eval", "bench512")
+PARTS = ("pytest", "train", "eval", "bench128", "bench512")  # in the order they run
+GPU_TESTS = "tests/test_gpu.py"  # the only module with gpu-marked tests
 CAPTURE_MODES = "step_only,with_augment,whole_step"
 FULL_RUN_EPOCHS = 200  # the CIFAR-100 recipe (configs/experiment/cifar100_ce.yaml)
 TARGETS = {"speedup_vs_reference_min": 5.0, "speedup_vs_reference_moonshot": 8.0, "opl_overhead_max": 0.03,
@@ -64,15 +70,16 @@ TARGETS = {"speedup_vs_reference_min": 5.0, "speedup_vs_reference_moonshot": 8.0
 MAX_LOG_BYTES = 4 << 20
 TOP1_TOLERANCE = 0.05  # percentage points between the run's last evaluation and eval_only (bf16, autotuned kernels)
 
-# Time limits (seconds) of each process; the hard limit cuts them shorter.
-LIMITS = {"pytest": 240, "prewarm": 200, "bench128": 170, "train": 240, "eval": 90, "bench512": 150}
+# Time limits (seconds) of each process; the hard limit cuts them shorter. The untimed phase ends
+# within 240 s, so train and eval (130 + 30 s) always start within the default 480 s.
+LIMITS = {"pytest": 240, "prewarm": 200, "train": 240, "eval": 90, "bench128": 170, "bench512": 150}
 # A part starts only with at least this long left before the hard limit (its expected duration).
-MIN_START = {"bench128": 90, "train": 130, "eval": 30, "bench512": 80}
+MIN_START = {"train": 130, "eval": 30, "bench128": 90, "bench512": 80}
 # The untimed phase runs several compiling processes at once: fewer compile workers each keeps
 # them from swamping the CPU (the thread count is not part of the compile caches' keys).
 CONCURRENT_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "4"}
 ACTIVE: set = set()  # running child processes (each the leader of its own process group)
-ACTIVE_LOCK = threading.Lock()
+ACTIVE_LOCK = threading.RLock()  # re-entrant: the SIGTERM handler may interrupt its holder
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -125,6 +132,20 @@ def kill_all() -> None:
         kill_group(proc)
 
 
+def one_line(exc: BaseException) -> str:
+    return " ".join(repr(exc).split())[:300]
+
+
+def guarded(check: "Check", part: str, run, *args):
+    """`run(*args)`; an unexpected exception becomes `part`'s failure (its repr in the note) instead
+    of ending the check, so the later parts and the summary still come."""
+    try:
+        return run(*args)
+    except Exception as exc:
+        check.record(part, {"status": "fail", "note": f"unexpected error: {one_line(exc)}"})
+        return None
+
+
 def status_of(finished: dict) -> str:
     return "timeout" if finished["timed_out"] else ("pass" if finished["rc"] == 0 else "fail")
 
@@ -145,14 +166,14 @@ class Check:
         self.work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check_"))
         self.work.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: the SIGTERM handler's finish() may interrupt its holder
         self.cuda = False if args.cpu_smoke else cuda_available()
         self.summary = {
             "schema_version": 1,
             "check": "gpu_check",
             "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "environment": environment(),
+            "environment": environment(args.commit),
             "hard_limit_s": args.hard_limit_s,
             "targets": TARGETS,
             "parts": {},
@@ -211,7 +232,9 @@ def cuda_available() -> bool:
         return False
 
 
-def environment() -> dict:
+def environment(commit: str | None = None) -> dict:
+    """Versions, the GPU, and the code's commit: `commit` (--commit) where given, since the
+    checkout on a lent machine may have no .git, else git's HEAD."""
     info = {"python": sys.version.split()[0], "host_cpus": os.cpu_count(),
             "packages": {name: installed_version(name) for name in ("torch", "torchvision", "timm", "hydra-core",
                                                                      "omegaconf", "pytest", "pytest-xdist")}}
@@ -222,11 +245,15 @@ def environment() -> dict:
             info["gpu"] = gpu.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    if commit:
+        info["commit"], info["commit_from"] = commit, "--commit"
+        return info
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        info["commit"] = head.stdout.strip() or None
+        info["commit"] = head.stdout.strip() if head.returncode == 0 and head.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         info["commit"] = None
+    info["commit_from"] = "git" if info["commit"] else None
     return info
 
 
@@ -263,7 +290,7 @@ def part_pytest(check: Check) -> None:
         return
     report = check.work / "pytest.xml"
     cmd = check.python("-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={report}",
-                       "--continue-on-collection-errors", *check.args.pytest_args)
+                       GPU_TESTS, *check.args.pytest_args)
     if installed_version("pytest-xdist"):
         cmd += ["-n", str(check.args.pytest_workers)]
     env = {**os.environ, **CONCURRENT_ENV,
@@ -473,6 +500,13 @@ def untimed_phase(check: Check) -> Path | None:
             check.record("train", {"status": "fail", "note": f"could not extract {check.args.tarball}: {exc}"})
 
     def prewarm():
+        try:
+            warm_caches()
+        except Exception as exc:  # not a part: the benchmarks then compile cold (a longer warmup_s)
+            check.summary["prewarm"] = {"error": one_line(exc)}
+            check.log(f"cache warming failed: {one_line(exc)}")
+
+    def warm_caches():
         jobs = prewarm_jobs(check) if check.cuda else {}
         if not jobs:
             return
@@ -493,9 +527,9 @@ def untimed_phase(check: Check) -> Path | None:
 
     jobs = [prewarm]
     if check.wanted("pytest"):
-        jobs.append(lambda: part_pytest(check))
+        jobs.append(lambda: guarded(check, "pytest", part_pytest, check))
     if check.args.tarball and (check.wanted("train") or check.wanted("eval")):
-        jobs.append(extraction)
+        jobs.append(lambda: guarded(check, "train", extraction))
     elif check.wanted("train"):
         check.record("train", {"status": "skipped", "note": "no CIFAR-10 JPEG archive given"})
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
@@ -530,14 +564,17 @@ def run_parts(check: Check) -> dict:
             check.record(part, {"status": "skipped", "note": "no CUDA device (--cpu-smoke runs the CPU plumbing)"})
         return finish(check)
     data_root = untimed_phase(check)
-    if check.wanted("bench128"):
-        part_bench(check, "bench128", 128)
-    trained = part_train(check, data_root) if check.wanted("train") and data_root is not None else None
+    # The real-data run and its evaluation first: the 200-epoch estimate is worth more than a benchmark.
+    trained = None
+    if check.wanted("train") and data_root is not None:
+        trained = guarded(check, "train", part_train, check, data_root)
     if check.wanted("eval"):
-        part_eval(check, data_root, trained)
+        guarded(check, "eval", part_eval, check, data_root, trained)
+    if check.wanted("bench128"):
+        guarded(check, "bench128", part_bench, check, "bench128", 128)
     if check.wanted("bench512"):
         if check.cuda:
-            part_bench(check, "bench512", 512)
+            guarded(check, "bench512", part_bench, check, "bench512", 512)
         else:
             check.record("bench512", {"status": "skipped", "note": "no CUDA: the CPU smoke run measures one size"})
     return finish(check)
@@ -568,6 +605,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pytest-workers", type=int, default=6, help="pytest-xdist processes where installed (default 6)")
     p.add_argument("--pytest-args", nargs="*", default=[], help="extra pytest arguments, e.g. a test file")
     p.add_argument("--cpu-smoke", action="store_true", help="the same parts on the CPU at tiny sizes (plumbing only)")
+    p.add_argument("--commit", default=None,
+                   help="the code's git commit, recorded in summary.json (default: git rev-parse HEAD, which a "
+                        "checkout copied without .git lacks; gpu_check.sh passes it where git knows it)")
     args = p.parse_args(argv)
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     unknown = sorted(set(args.parts) - set(PARTS))

@@ -31,4 +31,7 @@ if ! "$PYTHON" -c "import hydra, omegaconf" 2>/dev/null; then
     fi
 fi
 export PYTHONUNBUFFERED=1
-exec timeout --kill-after=20 "${GPU_CHECK_OUTER_LIMIT_S:-540}" "$PYTHON" scripts/gpu_check.py "$@"
+# The commit, where git knows it (a checkout copied without .git does not: pass --commit SHA then).
+COMMIT=$(git rev-parse --verify -q HEAD 2>/dev/null)
+exec timeout --kill-after=20 "${GPU_CHECK_OUTER_LIMIT_S:-540}" "$PYTHON" scripts/gpu_check.py \
+    ${COMMIT:+--commit "$COMMIT"} "$@"

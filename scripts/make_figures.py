@@ -3,8 +3,9 @@
     python scripts/make_figures.py [--records R] [--spec S] [--out DIR]
 
 A figure with no records behind it yet is skipped and named on the output. Runs are selected as
-for the tables (opl.results.records.select_runs: the latest run of a key, one run per seed). Exit 2
-on a malformed record or specification, or a figure point with two runs of one seed.
+for the tables (opl.results.records.select_runs: one run per seed, one dataset). Exit 2 on a
+malformed record or specification, a stale record (as for make_tables.py), or a figure point with
+two runs of one seed.
 """
 
 import argparse
@@ -12,9 +13,11 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for folder in (REPO_ROOT, REPO_ROOT / "scripts"):  # the library, and experiment_configs beside this script
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
+from experiment_configs import require_current_records  # noqa: E402
 from opl.errors import OPLError  # noqa: E402
 from opl.results.figures import draw, load_figure_specs, save  # noqa: E402
 from opl.results.records import load_records  # noqa: E402
@@ -28,6 +31,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         records = load_records(args.records)
+        require_current_records(records)
         specs = load_figure_specs(args.spec)
     except OPLError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,6 +8,8 @@
 Inputs: results/records.jsonl (scripts/collect_results.py) and the table specifications in
 results/paper/*.yaml (the paper's tables) and results/local/*.yaml (our own checks, no paper
 column). Output depends on nothing else, so a fresh clone rebuilds the committed files byte for byte.
+A record whose run key `experiment=<e>` plus its recorded overrides no longer gives today (stale:
+the experiment's definition changed since) stops the script (exit 2) with the record named.
 """
 
 import argparse
@@ -16,9 +18,11 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for folder in (REPO_ROOT, REPO_ROOT / "scripts"):  # the library, and experiment_configs beside this script
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
+from experiment_configs import require_current_records  # noqa: E402
 from opl.errors import OPLError  # noqa: E402
 from opl.io import atomic_write_text  # noqa: E402
 from opl.results.records import load_records  # noqa: E402
@@ -44,6 +48,7 @@ def build(results_dir: Path, readme: Path | None, records_path: Path | None = No
           tables_dir: Path | None = None) -> dict[Path, str]:
     """Every output file and its content."""
     records = load_records(records_path or results_dir / "records.jsonl")
+    require_current_records(records)  # a record today's experiment no longer gives fills no cell
     tables_dir = tables_dir or results_dir / "tables"
     paper, local = load_specs(results_dir / "paper"), load_specs(results_dir / "local")
     names = [s.name for s in paper + local]

@@ -1,4 +1,4 @@
-"""Adversarial pieces: L-inf PGD / FGSM in pixel space, the MART loss, and WideResNet-34-10."""
+"""Adversarial pieces: L-inf PGD in pixel space, the MART loss, and WideResNet-34-10."""
 
 import contextlib
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opl.eval.adversarial import fgsm, normalized_forward, pgd_linf
+from opl.eval.adversarial import normalized_forward, pgd_linf
 from opl.losses.mart import mart_loss
 from opl.models.wide_resnet import WideResNet, wide_resnet, wrn34_10
 
@@ -45,23 +45,24 @@ def conv_setup():
 
 # ----------------------------------------------------------------------------- attacks: constraints
 
-def test_pgd_and_fgsm_stay_in_eps_ball_and_pixel_range(conv_setup):
+def test_pgd_stays_in_eps_ball_and_pixel_range(conv_setup):
     model, images, labels = conv_setup
     # Push some pixels to the range edges so the [0, 1] clamp is exercised.
     images[:, :, :2] = 0.0
     images[:, :, -2:] = 1.0
     forward = logits_of(model)
     adv_pgd = pgd_linf(forward, images, labels, EPS, STEP, steps=10, generator=torch.Generator().manual_seed(1))
-    adv_fgsm = fgsm(forward, images, labels, EPS)
-    for adv in (adv_pgd, adv_fgsm):
+    one_step = pgd_linf(forward, images, labels, EPS, step_size=EPS, steps=1, start="none")
+    for adv in (adv_pgd, one_step):
         assert adv.shape == images.shape and adv.dtype == torch.float32
         assert not adv.requires_grad
         assert (adv - images).abs().max().item() <= EPS + 1e-6
         assert adv.min().item() >= 0.0 and adv.max().item() <= 1.0
         assert (adv - images).abs().max().item() > EPS / 2  # it actually moved
-    # FGSM moves every interior pixel by exactly eps (a zero gradient sign is measure-zero here).
+    # One step of eps from the clean image moves every interior pixel by exactly eps (a zero gradient
+    # sign is measure-zero here).
     interior = (images > EPS) & (images < 1 - EPS)
-    assert torch.allclose((adv_fgsm - images).abs()[interior], torch.full_like(images[interior], EPS), atol=1e-6)
+    assert torch.allclose((one_step - images).abs()[interior], torch.full_like(images[interior], EPS), atol=1e-6)
 
 
 def test_pgd_projects_onto_box_corner_for_binary_linear_model():
@@ -83,11 +84,14 @@ def test_pgd_projects_onto_box_corner_for_binary_linear_model():
     assert torch.allclose(adv, expected, atol=1e-6)
 
 
-def test_pgd_one_step_without_random_start_equals_fgsm(conv_setup):
+def test_pgd_one_step_without_random_start_is_one_signed_gradient_step(conv_setup):
     model, images, labels = conv_setup
     forward = logits_of(model)
     one_step = pgd_linf(forward, images, labels, EPS, step_size=EPS, steps=1, start="none")
-    assert torch.equal(one_step, fgsm(forward, images, labels, EPS))
+    x = images.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(forward(x), labels, reduction="sum"), x)
+    expected = (images + EPS * grad.sign()).clamp(0.0, 1.0)
+    assert torch.equal(one_step, expected)
 
 
 def test_zero_steps_without_random_start_is_identity(conv_setup):
@@ -182,13 +186,11 @@ def test_attack_leaves_parameter_grads_untouched(conv_setup):
     model, images, labels = conv_setup
     forward = logits_of(model)
     pgd_linf(forward, images, labels, EPS, STEP, steps=3)
-    fgsm(forward, images, labels, EPS)
     assert all(p.grad is None for p in model.parameters())
     # Existing gradients (e.g. mid-accumulation in the trainer) are not changed either.
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.5)
     pgd_linf(forward, images, labels, EPS, STEP, steps=3)
-    fgsm(forward, images, labels, EPS)
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
 
 
@@ -198,10 +200,8 @@ def test_attacks_work_under_no_grad(conv_setup):
     free = pgd_linf(forward, images, labels, EPS, STEP, 5, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         inside = pgd_linf(forward, images, labels, EPS, STEP, 5, generator=torch.Generator().manual_seed(2))
-        inside_fgsm = fgsm(forward, images, labels, EPS)
         assert not torch.is_grad_enabled()  # the attack restores the caller's mode
     assert torch.equal(free, inside)
-    assert torch.equal(inside_fgsm, fgsm(forward, images, labels, EPS))
     assert not torch.equal(inside, images)
 
 
@@ -217,12 +217,6 @@ def test_bad_attack_arguments_rejected(conv_setup, kwargs, message):
     model, images, labels = conv_setup
     with pytest.raises(ValueError, match=message):
         pgd_linf(logits_of(model), images, labels, **kwargs)
-
-
-def test_fgsm_rejects_negative_eps(conv_setup):
-    model, images, labels = conv_setup
-    with pytest.raises(ValueError, match="eps"):
-        fgsm(logits_of(model), images, labels, -0.01)
 
 
 # ----------------------------------------------------------------------------- attacks: strength
@@ -272,25 +266,20 @@ def test_trained_digits_model_is_accurate(trained_digits):
     assert accuracy > 0.9
 
 
-def test_pgd_and_fgsm_hurt_a_trained_model(trained_digits):
+def test_pgd_hurts_a_trained_model(trained_digits):
     model, images, labels = trained_digits
     forward = logits_of(model)
     eps = 0.1
     adv_pgd = pgd_linf(forward, images, labels, eps, step_size=eps / 4, steps=10,
                        generator=torch.Generator().manual_seed(0))
-    adv_fgsm = fgsm(forward, images, labels, eps)
     with torch.no_grad():
         results = {}
-        for name, x in (("clean", images), ("fgsm", adv_fgsm), ("pgd", adv_pgd)):
+        for name, x in (("clean", images), ("pgd", adv_pgd)):
             logits = forward(x)
             results[name] = (F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item())
-    (clean_loss, clean_acc), (fgsm_loss, fgsm_acc), (pgd_loss, pgd_acc) = (results[k] for k in ("clean", "fgsm", "pgd"))
+    (clean_loss, clean_acc), (pgd_loss, pgd_acc) = (results[k] for k in ("clean", "pgd"))
     assert pgd_loss > clean_loss + 1.0, results  # a clear margin, not noise
-    assert fgsm_loss > clean_loss + 0.5, results
     assert pgd_acc < clean_acc - 0.2, results
-    assert fgsm_acc < clean_acc, results
-    assert pgd_loss >= fgsm_loss, results
-    assert pgd_acc <= fgsm_acc, results
     assert (adv_pgd - images).abs().max().item() <= eps + 1e-6
 
 

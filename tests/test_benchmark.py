@@ -120,3 +120,22 @@ def test_imagenet_mode_refuses_a_cifar_model(bench_script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_script.parse_args(["--recipe", "imagenet", "--model", "resnet56"])
     assert exit_info.value.code == 2 and "resnet18, resnet50, resnet50d" in capsys.readouterr().err
+
+
+def test_partial_batch_warning(bench_script):
+    """Batch 512 over the default 45,000 images: 250 steps cross the epoch's end, whose last batch of
+    456 compiles new graphs among the measured steps (docs/speed.md's batch-512 command avoids it)."""
+    warning = bench_script.partial_batch_warning(45_000, 512, 50 + 200, drop_last=False)
+    assert warning and "last batch of 456" in warning and "--images 128000" in warning
+    assert 128_000 % 512 == 0 and 128_000 // 512 == 250  # the suggestion holds every step in one epoch
+    assert bench_script.partial_batch_warning(65_536, 512, 20 + 100, drop_last=False) is None  # gpu_check's bench512
+    assert bench_script.partial_batch_warning(45_000, 128, 50 + 200, drop_last=False) is None  # inside one epoch
+    assert bench_script.partial_batch_warning(45_000, 512, 250, drop_last=True) is None  # no smaller batch
+    assert bench_script.partial_batch_warning(1_024, 512, 5, drop_last=False) is None  # a multiple of the batch
+
+
+def test_the_warning_is_printed_on_a_crossing_run(tmp_path):
+    proc = run_script("--device", "cpu", "--model", "resnet20", "--batch-size", "16", "--steps", "2",
+                      "--warmup-steps", "1", "--workers", "0", "--images", "40", "--configs", "b")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: 3 steps of 16 reach the end of an epoch of 40 images, whose last batch of 8" in proc.stderr

@@ -128,10 +128,14 @@ def record(key: str, seed: int, finished: str, top1: float, fingerprint="f1", ga
             "history": [{"epoch": 1, "test_top1": top1, "train_loss": 1.0}]}
 
 
-def test_latest_run_of_a_key_wins_and_a_seed_counts_once():
+def test_a_seed_counts_once():
+    """One rule: one record per seed (a records file holds one record per run key, load_records
+    refuses more, so the same key twice is the same seed twice too)."""
     old, new = record("k0", 0, "2026-01-01T00:00:00+00:00", 70.0), record("k0", 0, "2026-02-01T00:00:00+00:00", 71.0)
     other = record("k1", 1, "2026-01-05T00:00:00+00:00", 72.0)
-    assert select_runs([new, other, old], "cell") == [new, other]
+    assert select_runs([other, new], "cell") == [new, other]
+    with pytest.raises(RecordError, match="cell: two runs with the same seed 0, run k0 .* and run k0 "):
+        select_runs([new, other, old], "cell")
     twin = record("k2", 0, "2026-03-01T00:00:00+00:00", 90.0)
     with pytest.raises(RecordError) as err:
         select_runs([old, other, twin], "cell (CE, R56)")
@@ -163,15 +167,26 @@ def test_figures_refuse_a_seed_twice_as_tables_do(tmp_path, capsys):
         sweep_points(records + [twin], selector, "loss.gamma", "top1")
     with pytest.raises(RecordError, match="same seed 1"):
         history_band(records + [twin], selector, "test_top1")
-    # The figure script, end to end: exit 2 naming both runs, no figure written.
-    write_records(tmp_path / "records.jsonl", records + [twin])
-    spec = [{"file": "c.png", "kind": "curves", "series": [{"label": "x", "experiment": "e", "data_variant": "v"}]}]
+    # The figure script, end to end, on real configurations: a second run of seed 1 can only claim the
+    # experiment as defined with stale overrides (its own configuration differs), so the script
+    # refuses it before any point is drawn: exit 2 naming it, no figure written.
+    today = experiment_config(REPO / "configs", "experiment=digits_opl")
+    real = [{**valid_record(s, 80.0 + s), "experiment": "digits_opl", "data_variant": VARIANT} for s in range(3)]
+    for r in real:
+        r["config"] = {**today, "seed": r["seed"]}
+        r["run_key"] = run_key(r["config"], r["seed"], VARIANT)
+    twin = json.loads(json.dumps(real[1]))
+    twin["config"]["trainer"]["epochs"] = 3  # labelled "no overrides" all the same
+    twin["run_key"] = run_key(twin["config"], 1, VARIANT)
+    write_records(tmp_path / "records.jsonl", real + [twin])
+    spec = [{"file": "c.png", "kind": "curves", "series": [{"label": "x", "experiment": "digits_opl",
+                                                            "data_variant": VARIANT}]}]
     (tmp_path / "figures.yaml").write_text(json.dumps(spec))
     make_figures = load_script(REPO / "scripts" / "make_figures.py", "make_figures")
     assert make_figures.main(["--records", str(tmp_path / "records.jsonl"), "--spec", str(tmp_path / "figures.yaml"),
                               "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "two runs with the same seed 1" in err and records[1]["run_key"] in err and twin["run_key"] in err
+    assert f"record {twin['run_key']} (digits_opl, seed 1) is stale" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -9,7 +9,6 @@ experiments (paper.md section 3: PGD-trained CIFAR models, with and without OPL)
   `_pgd_whitebox` of TRADES pgd_attack_cifar10.py and MART train_*.py); "normal": x + start_std *
   N(0, 1), not clipped (the training attack of TRADES `trades_loss` and MART `mart_loss`, 0.001);
   "none": x itself.
-* `fgsm`: Goodfellow et al. (ICLR 2015): a single signed step of size eps from the clean image.
 
 `RobustAccuracy` is the evaluator the adversarial experiments add: top-1 under PGD on the test set.
 In a data-parallel run each process attacks its shard of the images and the counts are summed
@@ -86,15 +85,6 @@ def pgd_linf(
         for _ in range(steps):
             x = torch.clamp(x + step_size * _input_gradient_sign(forward, x, labels), lower, upper)
     return x.detach()
-
-
-def fgsm(forward: Forward, images: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
-    """Fast gradient sign method: one step of size `eps` from `images`, clamped to [0, 1]."""
-    _check(eps)
-    images = images.detach()
-    with torch.enable_grad():
-        step = eps * _input_gradient_sign(forward, images, labels)
-    return (images + step).clamp(0.0, 1.0).detach()
 
 
 def normalized_forward(

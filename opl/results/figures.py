@@ -2,7 +2,7 @@
 
 Specifications live in `results/figures.yaml` (a list; each item names its `file`, `kind`, `title`
 and the records it plots through the same selectors as the tables). The runs behind each point are
-chosen as for a table cell (`select_runs`: the latest run of a key, one run per seed, one dataset).
+chosen as for a table cell (`select_runs`: one run per seed, one dataset).
 Every point is a mean over seeds with a +-1 standard deviation bar or band, and the legend gives the
 number of seeds.
 """
@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from opl.io import atomic_write  # noqa: E402
 from opl.results.records import flatten, select_runs  # noqa: E402
 from opl.results.stats import summarize  # noqa: E402
 from opl.results.tables import Selector, SpecError, metric_value  # noqa: E402
@@ -150,6 +151,8 @@ def draw(spec: dict, records: list[dict]):
 
 
 def save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
-    plt.close(fig)
+    """The PNG, written atomically (a crash leaves the old figure or the new one)."""
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, metadata=PNG_METADATA))
+    finally:
+        plt.close(fig)

@@ -88,6 +88,11 @@ def keyed_config(experiment_config: dict) -> dict:
     return _prune(config, neutral) if isinstance(neutral, dict) else config
 
 
+def _key_text(value) -> str:
+    """A value as the run key sees it (so 2 == 2.0 but True != 1)."""
+    return json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"))
+
+
 def run_key(experiment_config: dict, seed: int, data_variant: str) -> str:
     """16 hex digits identifying what determined a run's numbers."""
     canonical = json.dumps(_canonical({"config": keyed_config(experiment_config), "seed": seed,
@@ -105,10 +110,66 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
+# An override's value where the run's configuration lacks a key its experiment defines (e.g. a run
+# made before an option existed): such a run never passes for the experiment as defined.
+ABSENT = "<absent>"
+
+
 def config_overrides(run_config: dict, experiment_default: dict) -> dict:
-    """Dotted keys where a run's configuration differs from its experiment's definition."""
-    run, default = flatten(run_config), flatten(experiment_default)
-    return {k: v for k, v in sorted(run.items()) if k != "seed" and default.get(k, "<absent>") != v}
+    """Dotted keys where a run's keyed configuration differs from its experiment's, both ways: a key
+    only the run has, a value that differs, and a key only the experiment has (the run's own value
+    where its configuration holds the neutral one, else ABSENT)."""
+    run, default = flatten(keyed_config(run_config)), flatten(keyed_config(experiment_default))
+    whole = flatten(run_config)
+    differs = {k: v for k, v in run.items() if k not in default or _key_text(default[k]) != _key_text(v)}
+    differs.update({k: whole.get(k, ABSENT) for k in default if k not in run})
+    differs.pop("seed", None)
+    return dict(sorted(differs.items()))
+
+
+def apply_overrides(config: dict, overrides: dict) -> dict:
+    """A copy of `config` with a record's overrides applied (ABSENT removes the key): the inverse
+    of `config_overrides` as far as the run key goes."""
+    config = json.loads(json.dumps(config))
+    removed = [k for k, v in overrides.items() if v == ABSENT]
+    for dotted in removed:  # first, so that setting "a.b" after removing "a" keeps "a.b"
+        config = strip_keys(config, [dotted])
+    for dotted, value in overrides.items():
+        if dotted in removed:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[leaf] = json.loads(json.dumps(value))
+    return config
+
+
+def todays_run_key(record: dict, experiment_default: dict) -> str:
+    """The key `python train.py experiment=<e> seed=<s> <the record's overrides>` gives today, where
+    `experiment_default` is what `experiment=<e>` composes today."""
+    config = apply_overrides(experiment_default, record["overrides"])
+    config["seed"] = record["seed"]
+    return run_key(config, record["seed"], record["data_variant"])
+
+
+def require_current(records: list[dict], experiment_default) -> None:
+    """Raise RecordError naming the first record whose experiment, as defined today, with its
+    recorded overrides, no longer gives its run key (a stale record would fill a cell it no longer
+    belongs to). `experiment_default(name)` returns what `experiment=<name>` composes today."""
+    stale = []
+    for record in records:
+        today = todays_run_key(record, experiment_default(record["experiment"]))
+        if today != record["run_key"]:
+            stale.append((record, today))
+    if stale:
+        (r, today), more = stale[0], len(stale) - 1
+        raise RecordError(f"record {r['run_key']} ({r['experiment']}, seed {r['seed']}) is stale: experiment="
+                          f"{r['experiment']} with its recorded overrides gives run key {today} today"
+                          + (f" ({more} more stale records)" if more else "")
+                          + "; re-collect its run folder (python scripts/collect_results.py RUNS) or re-run it")
 
 
 def read_history(metrics_jsonl: Path) -> list[dict]:
@@ -138,6 +199,9 @@ def make_record(results: dict, overrides: dict, history: list[dict]) -> dict:
         "data_variant": results.get("data_variant"),
         "data_fingerprint": results.get("data_fingerprint"),
         "data_notes": results.get("data_notes", {}),
+        # Where the initial weights came from ({"source": None, "sha256": None}: trained from
+        # scratch); None for a results.json of a train.py that did not record them.
+        "model_weights": results.get("model_weights"),
         "overrides": overrides,
         "metrics": {p: results.get("metrics", {}).get(p) for p in PROTOCOLS},
         "epochs": results.get("metrics", {}).get("epochs"),
@@ -177,6 +241,10 @@ def validate_record(record, where: str) -> None:
             fail(f"field {field!r} must be {kind.__name__}, got {type(record[field]).__name__}")
     if not isinstance(record.get("data_fingerprint"), (str, type(None))):
         fail(f"field 'data_fingerprint' must be str or null, got {type(record['data_fingerprint']).__name__}")
+    weights = record.get("model_weights")
+    if weights is not None and (not isinstance(weights, dict) or set(weights) != {"source", "sha256"}
+                                or not all(isinstance(v, (str, type(None))) for v in weights.values())):
+        fail(f"field 'model_weights' must be null or {{source: str|null, sha256: str|null}}, got {weights!r}")
     final = record["metrics"].get("final_epoch_test")
     if not isinstance(final, dict):
         fail("metrics.final_epoch_test is missing: the run never evaluated on the test set")
@@ -222,15 +290,10 @@ def describe_run(record: dict) -> str:
 
 
 def select_runs(records, where: str) -> list[dict]:
-    """The runs behind one table cell or figure point, from the records that match it: the latest
-    record of each run key, sorted by seed. Two runs with the same seed (one seed would count
-    twice) or runs on different data (fingerprints) are an error naming both runs."""
-    latest = {}
-    for record in records:
-        old = latest.get(record["run_key"])
-        if old is None or record["finished_at"] > old["finished_at"]:
-            latest[record["run_key"]] = record
-    chosen = sorted(latest.values(), key=lambda r: (r["seed"], r["run_key"]))
+    """The runs behind one table cell or figure point, from the records that match it, sorted by
+    seed. Two records with the same seed (one seed would count twice; one run key always has one
+    seed) or runs on different data (fingerprints) are an error naming both runs."""
+    chosen = sorted(records, key=lambda r: (r["seed"], r["run_key"]))
     for a, b in zip(chosen, chosen[1:]):
         if a["seed"] == b["seed"]:
             raise RecordError(f"{where}: two runs with the same seed {a['seed']}, {describe_run(a)} and "
@@ -246,19 +309,27 @@ def select_runs(records, where: str) -> list[dict]:
 
 
 def merge_records(existing: list[dict], new: list[dict]) -> tuple[list[dict], dict]:
-    """One record per run key (the later-finished one wins), sorted by key; counts of what changed."""
+    """One record per run key, sorted by key; counts of what changed. Among the new records the
+    later-finished run of a key wins; it replaces the existing record of its key unless that one
+    finished later, so the same run collected again refreshes its record (e.g. its overrides
+    against today's experiment definition)."""
     merged = {r["run_key"]: r for r in existing}
-    counts = {"added": 0, "replaced": 0, "unchanged": 0}
+    latest = {}
     for record in new:
-        old = merged.get(record["run_key"])
+        kept = latest.get(record["run_key"])
+        if kept is None or record["finished_at"] > kept["finished_at"]:
+            latest[record["run_key"]] = record
+    counts = {"added": 0, "replaced": 0, "unchanged": len(new) - len(latest)}
+    for key, record in latest.items():
+        old = merged.get(key)
         if old is None:
             counts["added"] += 1
-        elif old == record or old["finished_at"] >= record["finished_at"]:
+        elif old == record or old["finished_at"] > record["finished_at"]:
             counts["unchanged"] += 1
             continue
         else:
             counts["replaced"] += 1
-        merged[record["run_key"]] = record
+        merged[key] = record
     return [merged[k] for k in sorted(merged)], counts
 
 

@@ -42,7 +42,7 @@ class Selector:
                 and record["overrides"] == self.overrides)
 
     def select(self, records: list[dict], where: str) -> list[dict]:
-        """The runs this selector names (`select_runs`: latest per run key, one per seed, one dataset)."""
+        """The runs this selector names (`select_runs`: one per seed, one dataset)."""
         return select_runs([r for r in records if self.matches(r)], where)
 
 
@@ -69,6 +69,9 @@ class Cell:
     # A per-run uncertainty shown beside ours, like the paper's ± (e.g. "5w1s_ci95", the 95 % interval
     # over episodes of each run's few-shot accuracy; its mean over the cell's runs is shown).
     pm_metric: str | None = None
+    # paper and paper_pm as the paper prints them ("71.4", "0.8"): never padded to the table's decimals.
+    paper_text: str | None = None
+    paper_pm_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,18 @@ def _number_or_none(value, key, where):
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise SpecError(f"{where}: {key!r} must be a number or null, got {value!r}")
     return None if value is None else float(value)
+
+
+def _printed(value) -> str | None:
+    """A number as the specification writes it: its YAML text ("0.80", "71.4"), else its shortest text."""
+    if value is None:
+        return None
+    return getattr(value, "text", None) or repr(value)
+
+
+def _decimals_of(text: str) -> int:
+    mantissa = text.lower().split("e")[0]
+    return len(mantissa.split(".")[1]) if "." in mantissa else 0
 
 
 def _decimals_or_none(value, where):
@@ -184,7 +199,8 @@ def parse_spec(name: str, data) -> TableSpec:
         cells.append(Cell(str(_require(raw, "row", cw)), str(_require(raw, "column", cw)), raw.get("metric", metric),
                           _number_or_none(raw.get("paper"), "paper", cw),
                           _number_or_none(raw.get("paper_pm"), "paper_pm", cw), ours,
-                          _decimals_or_none(raw.get("decimals"), cw), pm_metric))
+                          _decimals_or_none(raw.get("decimals"), cw), pm_metric,
+                          _printed(raw.get("paper")), _printed(raw.get("paper_pm"))))
     seen = set()
     for cell in cells:
         if (cell.row, cell.column) in seen:
@@ -208,6 +224,25 @@ def parse_spec(name: str, data) -> TableSpec:
                      notes=data.get("notes"), cells=tuple(cells), comparisons=tuple(comparisons))
 
 
+class PrintedFloat(float):
+    """A float read from a specification file that keeps the text it was written as."""
+
+    text: str
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader whose floats keep their text: the paper's "0.8" stays "0.8", its "72.40" stays "72.40"."""
+
+
+def _printed_float(loader, node) -> PrintedFloat:
+    value = PrintedFloat(loader.construct_yaml_float(node))
+    value.text = node.value
+    return value
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:float", _printed_float)
+
+
 def load_specs(folder: str | Path) -> list[TableSpec]:
     folder = Path(folder)
     paths = sorted(folder.glob("*.yaml"))
@@ -216,7 +251,7 @@ def load_specs(folder: str | Path) -> list[TableSpec]:
     specs = []
     for path in paths:
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.load(path.read_text(), Loader=_SpecLoader)
         except yaml.YAMLError as exc:
             raise SpecError(f"{path}: not valid YAML ({exc})") from exc
         specs.append(parse_spec(path.stem, data))
@@ -296,11 +331,17 @@ def _fmt(value: float | None, decimals: int, signed: bool = False) -> str:
     return text
 
 
-def format_paper(cell: Cell, decimals: int) -> str:
+def format_paper(cell: Cell) -> str:
+    """The paper's number and its ± as the paper prints them (not padded to the table's decimals)."""
     if cell.paper is None:
         return DASH
-    text = _fmt(cell.paper, decimals)
-    return text + (f" ± {_fmt(cell.paper_pm, decimals)}" if cell.paper_pm is not None else "")
+    text = cell.paper_text or _printed(cell.paper)
+    return text + (f" ± {cell.paper_pm_text or _printed(cell.paper_pm)}" if cell.paper_pm is not None else "")
+
+
+def paper_difference_decimals(treatment: Cell, baseline: Cell) -> int:
+    """The paper's difference of two cells to the digits the paper prints for them."""
+    return max(_decimals_of(cell.paper_text or _printed(cell.paper)) for cell in (treatment, baseline))
 
 
 def format_summary(summary: Summary | None, decimals: int) -> str:
@@ -367,7 +408,7 @@ def cell_rows(spec: TableSpec, records: list[dict]) -> list[list[str]]:
         for protocol in spec.protocols:
             result = cell_result(cell, protocol, records)
             variant = cell.ours.data_variant if cell.ours else DASH
-            rows.append([cell.row, cell.column, PROTOCOL_NAMES[protocol], format_paper(cell, decimals),
+            rows.append([cell.row, cell.column, PROTOCOL_NAMES[protocol], format_paper(cell),
                          format_ours(result, decimals),
                          format_interval(result.vs_paper, decimals), format_verdict(result.vs_paper),
                          variant, _run_keys(result.records)])
@@ -381,7 +422,8 @@ def comparison_rows(spec: TableSpec, records: list[dict]) -> list[list[str]]:
             paper, ours, treatment, baseline = comparison_interval(spec, comparison, protocol, records)
             n = f"{treatment.summary.n} vs {baseline.summary.n}" if ours else DASH
             decimals = _decimals(spec, treatment.cell)
-            rows.append([comparison.label, comparison.column, PROTOCOL_NAMES[protocol], _fmt(paper, decimals, True),
+            paper_decimals = paper_difference_decimals(treatment.cell, baseline.cell) if paper is not None else 0
+            rows.append([comparison.label, comparison.column, PROTOCOL_NAMES[protocol], _fmt(paper, paper_decimals, True),
                          format_interval(ours, decimals), n, format_verdict(ours)])
     return rows
 
@@ -434,7 +476,8 @@ def table_markdown(spec: TableSpec, records: list[dict]) -> str:
 def _tex_escape(text: str) -> str:
     replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "±": r"$\pm$", "—": "--",
-                    "−": "$-$", "Δ": r"$\Delta$", "≥": r"$\geq$", "'": "'"}
+                    "−": "$-$", "Δ": r"$\Delta$", "≥": r"$\geq$", "<": "$<$", ">": "$>$",
+                    "'": "'"}
     return "".join(replacements.get(ch, ch) for ch in str(text))
 
 
