@@ -322,7 +322,7 @@ def test_fewshot_cells_in_records_and_tables():
     assert six_hundred.summary.mean == pytest.approx(62.5)
     assert [r["seed"] for r in cell_result(spec.cells[1], "final_epoch_test", records).records] == [2]
     text = table_markdown(spec, records)
-    assert "| 62.02 ± 0.60 | 62.50 ± 0.71 (n=2); within-run ± 0.70 |" in text
+    assert "| 62.02 ± 0.6 | 62.50 ± 0.71 (n=2); within-run ± 0.70 |" in text  # the paper's ± as given (a float: 0.6)
     assert "70.00 ± — (n=1); within-run ± 0.30" in text
     with pytest.raises(Exception, match="pm_metric"):
         parse_spec("bad", {"title": "t", "source": "s", "metric": "top1",
