@@ -4,10 +4,13 @@ Wiring only: Hydra composes the configuration, the library (`opl/`) does the wor
 checked before anything is built or written; errors a user can act on (wrong types, impossible
 values, missing data, a busy or foreign run folder, a full disk) print one line and exit 2; Ctrl-C
 exits 130 with the epoch it stopped in. A failed sweep job does not stop the others; the sweep
-exits 2 at the end. docs/runs.md describes run folders, resume, locking and the messages.
+exits non-zero at the end (`failure_policy`). docs/runs.md describes run folders, resume, locking
+and the messages.
 """
 
+import contextlib
 import errno
+import io
 import json
 import os
 import shlex
@@ -21,6 +24,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -30,18 +34,19 @@ from opl.config_types import check_finite, check_keywords, check_targets
 from opl.data.noise import LabelNoise, with_label_noise
 from opl.engine.checkpoint import load_checkpoint, load_model_state
 from opl.engine.distributed import DistributedContext, broadcast_object
+from opl.engine.gpu_claim import GpuClaim, claim_gpu, cuda_names, default_lock_dir
 from opl.engine.run_dir import RunDir, folder_name, owner_signature, remove_unused_folder
 from opl.engine.schedule import lr_factor
 from opl.engine.trainer import Trainer, TrainerConfig
 from opl.errors import ConfigError, OPLError
 from opl.io import atomic_write_json
-from opl.logging import RunLog, WandbLogger, choose_wandb_mode
+from opl.logging import RunLog, Tee, WandbLogger, choose_wandb_mode
 from opl.results.records import keyed_config, run_key, strip_keys
-from opl.runinfo import code_version, environment, resolve_device, sweep_device
+from opl.runinfo import code_version, environment, resolve_device
 from opl.seed import seed_everything
 
 PROCESS_START = time.time()  # folders created after this and left empty by a failed start are removed
-FAILED_JOBS: list[str] = []  # sweep jobs that failed (the sweep goes on, then exits 2)
+FAILED_JOBS: list[str] = []  # sweep jobs of this process that failed (the sweep goes on, then exits 2)
 
 
 def run_folder_name(task_overrides, exclude_keys) -> str:
@@ -91,7 +96,8 @@ def instantiate_with(node, **objects):
         raise ConfigError(str(exc)) from exc
 
 
-def _run_control(name: str, seed: int, resume: str, force: bool, eval_only: bool, ckpt_path: str | None = None):
+def _run_control(name: str, seed: int, resume: str, force: bool, eval_only: bool, dist_timeout_s: float,
+                 ckpt_path: str | None = None):
     """The top-level options (their annotations are what `validate` checks)."""
 
 
@@ -110,14 +116,17 @@ class WandbChoice:
 def validate(resolved: dict) -> WandbChoice:
     """Every user-facing option's type and the values no constructor checks, before anything is
     built or written. Returns how to run wandb."""
-    check_keywords({k: resolved.get(k) for k in ("name", "seed", "resume", "force", "eval_only", "ckpt_path")},
-                   _run_control, "")
+    check_keywords({k: resolved.get(k) for k in ("name", "seed", "resume", "force", "eval_only", "dist_timeout_s",
+                                                 "ckpt_path")}, _run_control, "")
     check_keywords(resolved["logger"], _logger, "logger.")
     check_keywords(resolved["trainer"], TrainerConfig, "trainer.")
     check_keywords(resolved["sched"], lr_factor, "sched.", skip=("iters_per_epoch", "epochs"))
     check_keywords(resolved["label_noise"], LabelNoise, "label_noise.")
     check_targets({k: v for k, v in resolved.items() if k != "neutral"})
     check_finite(resolved)
+    if not resolved["dist_timeout_s"] > 0:
+        raise ConfigError(f"dist_timeout_s={resolved['dist_timeout_s']}: expected a number of seconds > 0")
+    resolve_device(resolved["trainer"]["device"])  # a device torch does not know, or CUDA without a GPU
     if resolved["resume"] not in ("auto", "never"):
         raise ConfigError(f"resume={resolved['resume']!r}: expected auto or never")
     if resolved["eval_only"]:
@@ -196,6 +205,30 @@ def build(cfg: DictConfig, run_dir, signature: str | None, loggers=()):
 
 
 # ------------------------------------------------------------------------------------------ one job
+IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+POOL_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"  # hydra/launcher=gpus
+
+
+def failure_policy(multirun: bool, launcher: str, ctx: DistributedContext) -> str:
+    """How a job that failed with an explained error (status 2) ends:
+
+    - "defer": Hydra's default launcher runs a sweep's jobs one after another in this process; the
+      job returns so the next one runs, and the sweep exits 2 at the end naming every failed job;
+    - "raise": joblib's process pool (hydra/launcher=gpus); exiting would end the sweep's other
+      running jobs too, so the job raises and Hydra records it, runs the others and exits non-zero
+      at the end;
+    - "exit": anything else (one run, each job its own process as under SLURM, any process of a
+      data-parallel run): exit with the status now, so the launcher (srun, sacct, submitit) sees it.
+    """
+    if not multirun or ctx.enabled:
+        return "exit"
+    return {IN_PROCESS_LAUNCHER: "defer", POOL_LAUNCHER: "raise"}.get(launcher, "exit")
+
+
+class SweepJobFailed(CompactHydraException):
+    """Raised by a failed job of a joblib sweep; Hydra prints its one line (no traceback) at the end."""
+
+
 @dataclass
 class Job:
     """What a run needs from Hydra: its folder, the keys left out of its identity, its command."""
@@ -208,15 +241,20 @@ class Job:
     # This process's place in a data-parallel run (torchrun, SLURM): every process runs the job,
     # rank 0 alone decides what to do with the run folder and writes files, logs and prints.
     ctx: DistributedContext = field(default_factory=DistributedContext)
+    on_failure: str = "exit"  # failure_policy
     trainer: Trainer | None = None  # set once built, for the Ctrl-C message
-    training: bool = False  # True while fit() runs
+    # For the Ctrl-C message: starting | training (fit() runs) | finishing (writing results.json) |
+    # finished (results.json written; closing the loggers)
+    stage: str = "starting"
+    gpu: GpuClaim | None = None  # the GPU this sweep job holds (released when it ends)
 
     @classmethod
     def from_hydra(cls) -> "Job":
         hc = HydraConfig.get()
-        return cls(Path(hc.runtime.output_dir), list(hc.job.config.override_dirname.exclude_keys),
-                   hc.mode == RunMode.MULTIRUN, shlex.join(["python", "train.py", *hc.overrides.task]),
-                   hc.job.get("num") or 0, DistributedContext.from_env())
+        multirun, ctx = hc.mode == RunMode.MULTIRUN, DistributedContext.from_env()
+        return cls(Path(hc.runtime.output_dir), list(hc.job.config.override_dirname.exclude_keys), multirun,
+                   shlex.join(["python", "train.py", *hc.overrides.task]), hc.job.get("num") or 0, ctx,
+                   failure_policy(multirun, hc.launcher.get("_target_", ""), ctx))
 
 
 def shown(path: Path) -> Path:
@@ -245,14 +283,18 @@ def evaluate_checkpoint(cfg: DictConfig, parts: Parts, run_dir: RunDir, job: Job
 
 
 def place(cfg: DictConfig, job: Job) -> None:
-    """This process's device: its GPU in a data-parallel run (joining the process group), or one
-    GPU per job for a sweep whose jobs run side by side on one machine."""
+    """This process's device: its GPU in a data-parallel run (joining the process group), or, for a
+    sweep job with trainer.device=auto on a machine with several GPUs, a GPU no other job holds
+    (opl.engine.gpu_claim; the sweep's jobs may run side by side)."""
     if job.ctx.enabled:
         device = resolve_device(job.ctx.device(cfg.trainer.device))
         job.ctx.init(device, cfg.dist_timeout_s)
         cfg.trainer.device = str(device)
-    elif job.multirun and torch.cuda.is_available():
-        cfg.trainer.device = sweep_device(cfg.trainer.device, job.number, torch.cuda.device_count())
+    elif (job.multirun and cfg.trainer.device == "auto" and torch.cuda.is_available()
+          and torch.cuda.device_count() > 1):
+        names = cuda_names()
+        job.gpu = claim_gpu(names, job.number % len(names), default_lock_dir())
+        cfg.trainer.device = f"cuda:{job.gpu.index}"
 
 
 def require_choices(cfg: DictConfig) -> None:
@@ -282,29 +324,61 @@ def execute(cfg: DictConfig, job: Job) -> dict | None:
              "data_fingerprint": parts.data.fingerprint}
     job.trainer = make_trainer(cfg, parts, run_dir.path, owner_signature(owner))  # its last checks, nothing written
     if not job.ctx.is_main:  # rank 0 holds the folder; the others follow its decision
-        return train(cfg, resolved, owned_by, owner, parts, run_dir, job, broadcast_object(None), WandbChoice(None))
-    with run_dir.locked():
+        action = broadcast_object(None)
+        if isinstance(action, StoppedOnRankZero):
+            raise action
+        return train(cfg, resolved, owned_by, owner, parts, run_dir, job, action, WandbChoice(None))
+    with contextlib.ExitStack() as held:
+        try:
+            action, log = take_folder(cfg, run_dir, owner, job, held)
+        except BaseException as exc:
+            # Tell the other ranks (waiting in the broadcast) at once, instead of after dist_timeout_s.
+            broadcast_object(StoppedOnRankZero.of(exc))
+            raise
+        broadcast_object(action)
+        if action == "skip":
+            print(f"{run_dir.path} already finished (results.json); nothing to do. Pass force=true to run it again.")
+            return run_dir.finished_results()
+        try:
+            return train(cfg, resolved, owned_by, owner, parts, run_dir, job, action, wandb)
+        except BaseException as exc:
+            message, _ = failure(exc, job)
+            if message:
+                log.error(message)
+            raise
+
+
+class StoppedOnRankZero(OPLError):
+    """On the other ranks of a data-parallel run: rank 0 stopped before training (its one line)."""
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "StoppedOnRankZero":
+        if isinstance(exc, (OPLError, OSError)):
+            return cls(one_line(exc))
+        return cls(f"rank 0 stopped before training ({type(exc).__name__}); its output says why")
+
+
+def take_folder(cfg: DictConfig, run_dir: RunDir, owner: dict, job: Job, held: contextlib.ExitStack):
+    """Rank 0: lock the run folder (held until `held` closes), claim it and decide what to do
+    ("fresh", "resume" or "skip"); unless skipping, open train.log (held too) with this start's
+    notes (lock taken over, temporaries removed, files archived, run_config.json rewritten), which
+    are printed before the log can be opened. Returns (action, the log or None)."""
+    notes = io.StringIO()
+    with contextlib.redirect_stdout(Tee(sys.stdout, notes)):
+        held.enter_context(run_dir.locked())
         run_dir.remove_temporaries()
         if cfg.force:
             moved = run_dir.archive()
             if moved:
                 print(f"force=true: earlier files of {run_dir.path} moved to {moved}")
         run_dir.claim(owner)
-        action = broadcast_object(run_dir.decide(cfg.resume, cfg.force))
-        if action == "skip":
-            print(f"{run_dir.path} already finished (results.json); nothing to do. Pass force=true to run it again.")
-            return run_dir.finished_results()
-        run_dir.require_writable()
-        header = (f"=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {socket.gethostname()} "
-                  f"pid {os.getpid()}: {job.command}")
-        with RunLog(run_dir.log_file, header) as log:
-            try:
-                return train(cfg, resolved, owned_by, owner, parts, run_dir, job, action, wandb)
-            except BaseException as exc:
-                message, _ = failure(exc, job)
-                if message:
-                    log.error(message)
-                raise
+        action = run_dir.decide(cfg.resume, cfg.force)
+    if action == "skip":
+        return action, None
+    run_dir.require_writable()
+    header = (f"=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {socket.gethostname()} "
+              f"pid {os.getpid()}: {job.command}")
+    return action, held.enter_context(RunLog(run_dir.log_file, header + "\n" + notes.getvalue()))
 
 
 def train(cfg, resolved, owned_by, owner, parts, run_dir, job, action, wandb: WandbChoice) -> dict:
@@ -324,9 +398,9 @@ def train(cfg, resolved, owned_by, owner, parts, run_dir, job, action, wandb: Wa
             trainer.resume(run_dir.checkpoint)
             if job.ctx.is_main:
                 print(f"resuming {run_dir.checkpoint} at epoch {trainer.state.epoch}")
-        job.training = True
+        job.stage = "training"
         summary = trainer.fit()
-        job.training = False
+        job.stage = "finishing"
         if not job.ctx.is_main:
             exit_code = 0
             return None
@@ -356,12 +430,16 @@ def train(cfg, resolved, owned_by, owner, parts, run_dir, job, action, wandb: Wa
         for logger in trainer.loggers:
             logger.summary({"final_test_top1": (summary["final_epoch_test"] or {}).get("top1")})
         run_dir.write_results(results)
+        job.stage = "finished"
         exit_code = 0
     finally:
         for logger in trainer.loggers:
             logger.finish(exit_code=exit_code)
-    final = summary["final_epoch_test"]
-    print(f"done: final-epoch test top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  -> {run_dir.results}")
+    final = summary["final_epoch_test"] or {}  # without a classification evaluator: no top-1 / top-5
+    shown_metrics = "  ".join(f"{name} {final[key]:.2f}%" for key, name in (("top1", "top-1"), ("top5", "top-5"))
+                              if key in final)
+    print(f"done: final-epoch test {shown_metrics}  -> {run_dir.results}" if shown_metrics
+          else f"done -> {run_dir.results}")
     return results
 
 
@@ -395,8 +473,13 @@ def one_line(exc: BaseException) -> str:
 def failure(exc: BaseException, job: Job) -> tuple[str | None, int]:
     """(the one line to print, the exit status) for what stopped a job; (None, 1) for a bug."""
     if isinstance(exc, KeyboardInterrupt):
-        if not job.training:
+        if job.stage == "starting":
             return "interrupted before training started; run the same command to start it", 130
+        if job.stage == "finishing":
+            return ("interrupted after training, while writing results.json; run the same command to write it "
+                    "(no epoch is trained again)"), 130
+        if job.stage == "finished":
+            return "interrupted after the run finished (results.json is written); nothing is left to run", 130
         restart, finished = job.trainer.checkpoint_epoch + 1, job.trainer.state.epoch
         span = f"epochs {restart}-{finished}" if finished > restart else f"epoch {restart}"
         redo = f" ({span} finished after the last checkpoint and will run again)" if finished >= restart else ""
@@ -415,9 +498,10 @@ def run_job(cfg: DictConfig, job: Job) -> int:
     except (KeyboardInterrupt, OPLError, OSError) as exc:
         message, code = failure(exc, job)
     finally:
-        job.training = False
         if job.trainer is not None:
             job.trainer.close()
+        if job.gpu is not None:
+            job.gpu.release()
         job.ctx.close()
     print(message, file=sys.stderr)
     remove_unused_folder(job.output_dir, Path.cwd(), PROCESS_START)
@@ -428,8 +512,11 @@ def run_job(cfg: DictConfig, job: Job) -> int:
 def main(cfg: DictConfig):
     job = Job.from_hydra()
     code = run_job(cfg, job)
-    if code == 2 and job.multirun:
-        FAILED_JOBS.append(job.command)  # Hydra goes on with the sweep's other jobs
+    if code == 2 and job.on_failure == "defer":
+        FAILED_JOBS.append(job.command)  # Hydra goes on with the sweep's next job in this process
+    elif code == 2 and job.on_failure == "raise":
+        raise SweepJobFailed("error: this job of the sweep failed (its message is above); the sweep's other jobs "
+                             "ran, and every failed job printed its own line")
     elif code:
         sys.exit(code)
 

@@ -69,7 +69,9 @@ class JsonlWriter:
         append_line(self.path, json.dumps({k: _json_safe(v) for k, v in record.items()}))
 
 
-class _Tee:
+class Tee:
+    """Writes to every stream it was given (the terminal and a copy)."""
+
     def __init__(self, *streams):
         self.streams = streams
 
@@ -101,7 +103,7 @@ class RunLog:
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self._stdout = sys.stdout
-        sys.stdout = _Tee(self._stdout, self._file)
+        sys.stdout = Tee(self._stdout, self._file)
         return self
 
     def error(self, message: str) -> None:

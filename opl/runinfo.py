@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from opl.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,20 +55,13 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def sweep_device(requested: str, job_number: int, device_count: int) -> str:
-    """The device of job `job_number` of a sweep whose jobs run side by side on one machine: with
-    "auto" and several GPUs, GPU (job number mod GPU count); otherwise the requested device."""
-    if requested != "auto" or device_count < 2:
-        return requested
-    return f"cuda:{job_number % device_count}"
-
-
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"trainer.device={requested!r}: expected auto, cpu, cuda or cuda:<index>") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        from opl.errors import ConfigError
-
         raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
     return device

@@ -4,12 +4,16 @@ clean accuracy, the parts are logged, resume is exact, compile is refused."""
 import contextlib
 import copy
 import functools
+import inspect
 import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 
+from opl.config_types import locate
 from opl.engine.evaluate import ClassificationEvaluator
 from opl.errors import ConfigError
 from opl.eval.adversarial import RobustAccuracy, normalized_forward, pgd_linf
@@ -18,7 +22,8 @@ from opl.methods import AdversarialStep
 from opl.models import MLP
 from test_trainer import Crash, crash_after, lines, make_trainer
 
-FAST = dict(eps=24.0, step_size=8.0, steps=3)
+REPO = Path(__file__).resolve().parent.parent
+FAST = dict(eps=24.0, step_size=8.0, steps=3, beta=6.0, start="uniform", start_std=0.001)
 EVALUATORS = {"classification": ClassificationEvaluator(), "robust": RobustAccuracy(eps=24.0, step_size=8.0, steps=5)}
 
 
@@ -93,7 +98,7 @@ def test_step_trains_on_the_configured_attack_start(start):
     data = types.SimpleNamespace(mean=(0.3,), std=(0.4,))
     model = MLP(10, 64, (32,))
     step = AdversarialStep(model, ClassificationLoss(), data, kind="pgd_at", eps=7.905, step_size=1.785, steps=3,
-                           start=start, start_std=0.001)
+                           beta=6.0, start=start, start_std=0.001)
     step.bind(contextlib.nullcontext, torch.device("cpu"), seed=3)
     pixels = torch.rand(16, 1, 8, 8)
     x, y = (pixels - 0.3) / 0.4, torch.randint(0, 10, (16,))
@@ -108,3 +113,20 @@ def test_step_trains_on_the_configured_attack_start(start):
     model.train()
     loss = F.cross_entropy(model((expected - 0.3) / 0.4)[1], y)
     torch.testing.assert_close(parts["loss"], loss, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (REPO / "configs" / "method").glob("*.yaml")))
+def test_every_method_config_sets_every_setting_its_step_requires(method):
+    """The steps keep no paper values of their own (AdversarialStep, RSCStep: no defaults): each
+    method config sets every keyword its target requires."""
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        node = compose("train", overrides=[f"method={method}"]).method
+    params = inspect.signature(locate(node._target_)).parameters
+    required = {name for name, p in params.items()
+                if p.default is p.empty and p.kind != p.VAR_KEYWORD and name not in ("model", "criterion", "data")}
+    assert required <= set(node), sorted(required - set(node))
+
+
+def test_adversarial_step_has_no_attack_defaults():
+    params = inspect.signature(AdversarialStep).parameters
+    assert [n for n, p in params.items() if p.default is not p.empty] == []

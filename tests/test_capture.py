@@ -153,7 +153,8 @@ def test_impossible_capture_settings_are_refused(tmp_path):
         make_trainer(tmp_path, "everything")
     with pytest.raises(ConfigError, match="mirror_batch"):
         make_trainer(tmp_path, "with_augment", data=tiny_data(augment=AugmentSpec(hflip=True, mirror_batch=True)))
-    adversarial = functools.partial(AdversarialStep, eps=8.0, step_size=2.0, steps=1)
+    adversarial = functools.partial(AdversarialStep, kind="pgd_at", eps=8.0, step_size=2.0, steps=1, beta=6.0,
+                                    start="uniform", start_std=0.001)
     with pytest.raises(ConfigError, match="whole_step needs a step that can be captured"):
         make_trainer(tmp_path, "whole_step", step=adversarial)
     with pytest.raises(ConfigError, match="nest torch.compile's CUDA graphs"):

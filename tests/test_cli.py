@@ -140,6 +140,31 @@ def test_real_cifar10_subset_trains_above_chance(cifar10_jpg_root, tmp_path):
     assert results["metrics"]["final_epoch_test"]["top1"] > 20.0
 
 
+def test_a_failed_job_of_a_joblib_sweep_fails_the_sweep_after_the_others_ran(tmp_path):
+    """hydra/launcher=gpus runs jobs in joblib's worker processes: the failure must still reach the
+    sweep's status, without stopping the job running beside it."""
+    result = run_cli("-m", "hydra/launcher=gpus", "hydra.launcher.n_jobs=2", "experiment=digits_opl",
+                     "loss.gamma=-1,0.5", "logger=none", "trainer.epochs=1", "dataset.limit_train=300", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 1, result.stderr
+    assert "error: OPL gamma must be >= 0, got -1" in result.stderr  # the job's own line
+    assert "error: this job of the sweep failed (its message is above)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "seed0" / "dataset.limit_train-300+loss.gamma-0.5+trainer.epochs-1" / "DONE").exists()
+
+
+def test_how_a_failed_job_ends_follows_its_launcher():
+    import train
+    from opl.engine.distributed import DistributedContext
+
+    one, ranks = DistributedContext(), DistributedContext(1, 2)
+    assert train.failure_policy(False, train.IN_PROCESS_LAUNCHER, one) == "exit"  # a single run
+    assert train.failure_policy(True, train.IN_PROCESS_LAUNCHER, one) == "defer"  # the summary at the end
+    assert train.failure_policy(True, train.POOL_LAUNCHER, one) == "raise"  # hydra/launcher=gpus
+    slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert train.failure_policy(True, slurm, one) == "exit"  # each job its own SLURM job: its status counts
+    assert train.failure_policy(True, train.IN_PROCESS_LAUNCHER, ranks) == "exit"  # a rank must fail its job step
+
+
 def test_sweep_finishes_every_job_despite_a_failure_and_reruns_skip_finished_ones(tmp_path):
     sweep = ["-m", "experiment=digits_opl", "loss.gamma=-1,0.5", "logger=none", "trainer.epochs=1",
              "trainer.progress=line", f"hydra.sweep.dir={tmp_path}"]

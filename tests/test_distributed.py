@@ -8,6 +8,7 @@ the checkpoint; a NaN on one rank stops both at the same step; the launcher envi
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -182,6 +183,37 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     assert time.monotonic() - started < 90  # torchrun stops the other rank; nothing waits for the collective timeout
 
 
+def test_a_refusal_of_rank_zero_reaches_the_other_rank_at_once(tmp_path):
+    """Two `python train.py` processes of one data-parallel run started side by side with nothing
+    supervising them (srun without --kill-on-bad-exit): rank 0 refuses the run folder, which another
+    configuration owns, before training. Rank 1, waiting for rank 0's decision, stops with the same
+    line and status instead of after dist_timeout_s (600 s here)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run_config.json").write_text(json.dumps({"config": {"name": "another"}, "data_variant": "x",
+                                                         "data_fingerprint": "y"}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "train.py", "logger=none", "trainer.device=cpu", "trainer.epochs=1",
+                               "dataset.limit_train=300", "dist_timeout_s=600", f"hydra.run.dir={run_dir}"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "RANK": str(rank),
+                                   "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port)})
+             for rank in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert time.monotonic() - started < 120
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 2, err[-3000:]
+        assert f"error: {run_dir} belongs to a run with another configuration" in err and "Traceback" not in err
+
+
 def test_global_batch_must_divide_among_processes(tmp_path, monkeypatch):
     monkeypatch.setattr("opl.engine.trainer.world", lambda: (0, 3))
     with pytest.raises(ConfigError, match="must divide among the 3 processes"):
@@ -226,15 +258,9 @@ def test_launcher_environments():
     assert DistributedContext(0, 2, 1).device("cpu") == "cpu"
 
 
-def test_sweep_jobs_on_one_machine_take_one_gpu_each():
-    from opl.runinfo import sweep_device
-
-    assert [sweep_device("auto", job, 4) for job in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
-    assert sweep_device("auto", 3, 1) == "auto" and sweep_device("cuda:2", 3, 4) == "cuda:2"
-
-
 @pytest.mark.parametrize("launcher, fields", [
-    ("slurm", {"tasks_per_node": 8, "gpus_per_node": 8, "nodes": 1, "partition": None, "account": None}),
+    ("slurm", {"tasks_per_node": 8, "gpus_per_node": 8, "nodes": 1, "partition": None, "account": None,
+               "setup": ["export SLURM_KILL_BAD_EXIT=1"]}),  # srun --kill-on-bad-exit
     ("gpus", {"n_jobs": 4}),
 ])
 def test_cluster_launcher_configs_compose(launcher, fields):

@@ -257,7 +257,8 @@ def test_adversarial_step_under_compile_on_cuda(tmp_path, kind):
     step must train as the eager one does (fp32, where only kernel choice differs) without
     recompiling after its first steps: if this passes on a GPU, the refusal can go; if it fails, its
     message is the measured reason to keep it."""
-    step = functools.partial(AdversarialStep, kind=kind, eps=8.0, step_size=2.0, steps=2)
+    step = functools.partial(AdversarialStep, kind=kind, eps=8.0, step_size=2.0, steps=2, beta=6.0, start="uniform",
+                             start_std=0.001)
     options = dict(data=learnable_data(512), model=small_resnet, amp="none", batch_size=64)
     with pytest.raises(ConfigError, match="compile"):
         cuda_trainer(tmp_path / "refused", step=step, compile=True, **options)

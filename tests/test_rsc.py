@@ -6,6 +6,8 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import types
+
 import pytest
 import torch
 import yaml
@@ -18,6 +20,8 @@ from opl.errors import ConfigError
 from opl.losses import ce_plus_opl
 from opl.methods import RSCStep
 from opl.models import MLP
+from opl.config_types import check_targets
+from opl.data.base import DataSpec, ImageTensors
 from opl.methods.rsc import (RSCSettings, draw_spatial, keep_mask, most_dropped, muted_count, rsc_mask,
                              true_class_score_grad)
 
@@ -186,14 +190,34 @@ def test_top_k_masks_on_a_7x7_map_and_a_batch_of_128():
 
 
 def test_settings_are_validated():
-    with pytest.raises(ConfigError, match="rsc.spatial_fraction=1.0"):
+    with pytest.raises(ConfigError, match=r"method\.spatial_fraction=1.0"):
         settings(spatial_fraction=1.0)
-    with pytest.raises(ConfigError, match="rsc.channel_fraction=0"):
+    with pytest.raises(ConfigError, match=r"method\.channel_fraction=0"):
         settings(channel_fraction=0)
-    with pytest.raises(ConfigError, match="rsc.spatial_probability=1.5"):
+    with pytest.raises(ConfigError, match=r"method\.spatial_probability=1.5"):
         settings(spatial_probability=1.5)
-    with pytest.raises(ConfigError, match="rsc.batch_fraction_interval=0"):
+    with pytest.raises(ConfigError, match=r"method\.batch_fraction_interval=0"):
         settings(batch_fraction_interval=0)
+
+
+def test_a_batch_too_small_for_the_threshold_mutes_every_sample_with_a_drop():
+    # m = round(B * fraction) >= B: the RSC code's index would run past the batch.
+    assert most_dropped(torch.tensor([0.2]), 0.7).tolist() == [True]  # round(0.7) = 1
+    assert most_dropped(torch.tensor([0.0]), 0.7).tolist() == [False]  # no drop, no muting
+    assert most_dropped(torch.tensor([0.3, 0.0, 0.1]), 0.9).tolist() == [True, False, True]  # round(2.7) = 3
+    # below the limit the rule is unchanged: round(4.5) = 4 of 5 (banker's rounding), the top 4
+    assert most_dropped(torch.tensor([0.5, 0.4, 0.3, 0.2, 0.1]), 0.9).tolist() == [True] * 4 + [False]
+
+
+def test_method_keys_are_checked_by_name_and_type_before_anything_is_built():
+    node = {"_target_": "opl.methods.rsc.RSCStep", **RSC_KNOBS}
+    check_targets({"method": node})
+    with pytest.raises(ConfigError, match=r"method\.spatial_fractio is not an option of RSCStep"):
+        check_targets({"method": {**node, "spatial_fractio": 0.3}})
+    with pytest.raises(ConfigError, match=r"method\.spatial_fraction='abc': expected a finite number"):
+        check_targets({"method": {**node, "spatial_fraction": "abc"}})
+    with pytest.raises(ConfigError, match=r"method\.batch_fraction_interval=2.5: expected an integer"):
+        check_targets({"method": {**node, "batch_fraction_interval": 2.5}})
 
 
 # ---- gradient, determinism, no side effects -----------------------------------------------------
@@ -294,6 +318,46 @@ def test_rsc_step_forward_is_the_head_on_the_muted_map():
     assert parts["loss"].item() == pytest.approx(expected["loss"].item(), rel=1e-6)
     assert parts["rsc_muted"].item() == pytest.approx(muted.selected.float().mean().item())
     assert 0 < muted.selected.sum() <= round(10 * 0.3)
+
+
+def images(side: int, n: int = 8) -> ImageTensors:
+    g = torch.Generator().manual_seed(side)
+    return ImageTensors(torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g), torch.arange(n) % 7)
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_images_too_small_for_the_feature_map_are_refused_at_bind(as_dataset):
+    """TinyConvNet downsamples 16x: 16x16 images give a 1x1 map, where ceil(1/3) = 1 of 1 positions
+    leaves no threshold; 32x32 give 2x2 (ceil(4/3) = 2 of 4), which works. Read from in-memory
+    images or from a map-style dataset's first item."""
+    def split(side):
+        tensors = images(side)
+        return [(tensors.images[i], int(tensors.labels[i])) for i in range(len(tensors))] if as_dataset else tensors
+
+    step = RSCStep(TinyConvNet(), ce_plus_opl(), types.SimpleNamespace(train=split(16)), **RSC_KNOBS)
+    with pytest.raises(ConfigError, match=r"16x16 training images give the model a 1x1 last feature map \(16 "
+                                          r"channels\).*dataset\.image_size"):
+        step.bind(step.autocast, torch.device("cpu"), seed=0, epochs=1)
+    step = RSCStep(TinyConvNet(), ce_plus_opl(), types.SimpleNamespace(train=split(32)), **RSC_KNOBS)
+    step.model.train()
+    step.bind(step.autocast, torch.device("cpu"), seed=0, epochs=1)
+    assert step.model.training  # the probe leaves the model's mode as it was
+
+
+def test_a_curriculum_reaching_one_is_refused_when_the_trainer_is_built(tmp_path):
+    """0.3 + 0.2 * (epoch // 10) reaches 1.1 at 0-based epoch 40: 41 epochs are refused by the
+    Trainer's constructor (bind), before any epoch runs or any file is written; 40 are fine."""
+    data = DataSpec("tiny", "tiny", 7, images(32), images(32), None, (0.5,) * 3, (0.25,) * 3)
+
+    def build(epochs, run_dir):
+        return Trainer(TrainerConfig(epochs=epochs, batch_size=4, device="cpu", num_workers=0, progress="silent"),
+                       RSCStep(TinyConvNet(), ce_plus_opl(), data, **RSC_KNOBS), data,
+                       lambda params, **kw: torch.optim.SGD(params, lr=0.01), {"kind": "constant"}, run_dir)
+
+    with pytest.raises(ConfigError, match=r"reaches 1.1 at epoch 40.*trainer\.epochs.*method\.batch_fraction_step"):
+        build(41, tmp_path / "refused")
+    assert list((tmp_path / "refused").iterdir()) == []
+    build(40, tmp_path / "fine")
 
 
 def test_rsc_step_refuses_a_model_without_a_feature_map_and_compile():

@@ -32,6 +32,7 @@ from opl.engine.trainer import Trainer
 from opl.errors import ConfigError, DatasetNotFoundError, NonFiniteLossError
 from opl.io import atomic_write_text
 from opl.logging import JsonlWriter, WandbLogger, choose_wandb_mode, reachable
+from conftest import SHARED_DATA, require
 from run_harness import FAST, REPO, cli_env, fast, run_here, start_cli
 
 HOST = socket.gethostname()
@@ -86,6 +87,14 @@ BAD_VALUES = [
     (["trainer.compile=maybe"], "error: trainer.compile must be true, false or auto"),
     (["trainer.batch_size=1"], "error: OPL compares pairs of samples in a batch: trainer.batch_size must be >= 2"),
     (["eval_only=true", "ckpt_path=absent.pt"], "error: ckpt_path=absent.pt: no such checkpoint file"),
+    (["dist_timeout_s=0"], "error: dist_timeout_s=0: expected a number of seconds > 0"),
+    (["dist_timeout_s=abc"], "error: dist_timeout_s='abc': expected a finite number"),
+    (["trainer.device=gpu"], "error: trainer.device='gpu': expected auto, cpu, cuda or cuda:<index>"),
+    # RSC's knobs are checked by name and type (before the data is read).
+    (["experiment=pacs_cpu_rsc", "dataset.root=data/pacs", "+method.spatial_fractio=0.3"],
+     "error: method.spatial_fractio is not an option of RSCStep (options: model, criterion, data, spatial_fraction"),
+    (["experiment=pacs_cpu_rsc", "dataset.root=data/pacs", "method.spatial_fraction=abc"],
+     "error: method.spatial_fraction='abc': expected a finite number"),
     # PACS leaves the target domain and the choice of pretrained weights to the command line.
     (["experiment=pacs_rsc", "dataset.root=data/pacs"], "error: dataset.target, model.pretrained: no value; this "
                                                         "experiment needs it on the command line"),
@@ -99,6 +108,17 @@ def test_bad_values_stop_with_one_line_before_any_folder_is_used(overrides, mess
     assert only_line(capsys.readouterr().err).startswith(message)
     assert not run.exists()  # the folder Hydra created for the run is gone again
     assert (tmp_path / "runs").exists()  # outside the working directory only the run folder itself goes
+
+
+def test_rsc_images_too_small_for_the_feature_map_stop_before_any_folder_is_used(tmp_path, capsys):
+    """ResNet-18 turns 32x32 images into a 1x1 map: RSC cannot mute a third of one position."""
+    run = tmp_path / "runs" / "x"
+    root = require(SHARED_DATA / "pacs")
+    assert run_here(run, *fast("experiment=pacs_cpu_rsc", f"dataset.root={root}", "dataset.image_size=32")) == 2
+    line = only_line(capsys.readouterr().err)
+    assert line.startswith("error: method=rsc: 32x32 training images give the model a 1x1 last feature map (512 "
+                           "channels)") and line.endswith("use a larger dataset.image_size (PACS: 222, a 7x7 map on ResNet)")
+    assert not run.exists()
 
 
 def test_a_failed_start_leaves_an_existing_folder_alone(finished, tmp_path, capsys):
@@ -343,9 +363,12 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
     (run / "run.lock").write_text(json.dumps({"host": HOST, "pid": dead.pid, "since": "2026-01-01T00:00:00+00:00"}))
     assert run_here(run, *FAST) == 0
     out = capsys.readouterr().out
-    assert (f"note: {run / 'run.lock'} was left by process {dead.pid} on host {HOST} (since 2026-01-01T00:00:00+00:00), "
-            "which is no longer running; taking it over") in out
+    note = (f"note: {run / 'run.lock'} was left by process {dead.pid} on host {HOST} (since 2026-01-01T00:00:00+00:00), "
+            "which is no longer running; taking it over")
+    assert note in out
     assert (run / "DONE").exists() and (run / "run.lock").read_text() == ""
+    log = (run / "train.log").read_text().splitlines()
+    assert log[0].startswith("=== ") and log[1] == note  # printed before train.log opened, and kept there
 
 
 def test_two_processes_on_one_folder_and_ctrl_c(tmp_path):
@@ -471,6 +494,55 @@ def test_killed_between_results_and_done(tmp_path, monkeypatch, capsys):
     assert (run / "DONE").exists() and (run / "metrics.jsonl").read_bytes() == metrics
 
 
+def test_ctrl_c_while_writing_the_results_says_so_and_the_same_command_finishes(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+
+    def interrupted(self, results):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "write_results", interrupted)
+    assert run_here(run, *FAST) == 130
+    message = ("interrupted after training, while writing results.json; run the same command to write it "
+               "(no epoch is trained again)")
+    assert only_line(capsys.readouterr().err) == message
+    assert (run / "train.log").read_text().splitlines()[-1] == message
+    monkeypatch.undo()
+    metrics = (run / "metrics.jsonl").read_bytes()
+    assert run_here(run, *FAST) == 0
+    assert f"resuming {run / 'last.pt'} at epoch 2" in capsys.readouterr().out
+    assert (run / "DONE").exists() and (run / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_ctrl_c_after_the_results_are_written_says_the_run_is_finished(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+
+    class SyncingLogger:  # stands in for wandb, interrupted while it syncs at the end
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def log(self, metrics, step):
+            pass
+
+        def summary(self, metrics):
+            pass
+
+        def finish(self, exit_code=0):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "WandbLogger", SyncingLogger)
+    assert run_here(run, *fast("logger=wandb", "logger.mode=offline")) == 130
+    assert only_line(capsys.readouterr().err) == ("interrupted after the run finished (results.json is written); "
+                                                  "nothing is left to run")
+    assert (run / "DONE").exists()
+
+
+def test_a_run_without_a_classification_evaluator_finishes_with_a_plain_done_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_here(run, *fast("evaluators.classification=null")) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"done -> {run / 'results.json'}"
+    assert json.loads((run / "results.json").read_text())["metrics"]["final_epoch_test"] == {"epoch": 2}
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_done_without_readable_results_is_re_derived(finished, tmp_path, damage, capsys):
     run = copy_of(finished, tmp_path / "run")
@@ -580,6 +652,7 @@ def test_force_moves_every_file_of_the_run(finished, tmp_path, capsys):
     out = capsys.readouterr().out
     archive = next(run.glob("superseded-*"))
     assert f"force=true: earlier files of {run} moved to {archive}" in out
+    assert (run / "train.log").read_text().splitlines()[1] == f"force=true: earlier files of {run} moved to {archive}"
     assert sorted(p.name for p in archive.iterdir()) == old
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["DONE", "last.pt", "metrics.jsonl", "results.json", "run.lock", "run_config.json", "train.log", archive.name])

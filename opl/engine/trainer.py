@@ -155,7 +155,7 @@ class Trainer:
             step = torch.nn.SyncBatchNorm.convert_sync_batchnorm(step)
         self.training_step = step.to(self.device, memory_format=memory_format)
         self.model, self.criterion = step.model, step.criterion
-        step.bind(self.autocast, self.device, seed)
+        step.bind(self.autocast, self.device, seed, cfg.epochs)
 
         self.loader_args = dict(device=self.device, kind=cfg.loader, num_workers=cfg.num_workers,
                                 channels_last=cfg.channels_last, rank=self.rank, world=self.world_size)

@@ -28,9 +28,10 @@ class AdversarialStep(TrainingStep):
     compile_refusal = ("the attack loop differentiates w.r.t. the input and has not been validated under "
                        "torch.compile; use trainer.compile=false")
 
-    def __init__(self, model: nn.Module, criterion: nn.Module, data, kind: str = "pgd_at", eps: float = 8.0,
-                 step_size: float = 2.0, steps: int = 10, beta: float = 6.0, start: str = "uniform",
-                 start_std: float = 0.001):
+    # Every attack setting is required: the values (and where they come from) live in
+    # configs/method/pgd_at*.yaml and mart*.yaml.
+    def __init__(self, model: nn.Module, criterion: nn.Module, data, kind: str, eps: float, step_size: float,
+                 steps: int, beta: float, start: str, start_std: float):
         super().__init__(model, criterion)
         if kind not in KINDS:
             raise ConfigError(f"method.kind must be one of {KINDS}, got {kind!r}")
@@ -47,8 +48,8 @@ class AdversarialStep(TrainingStep):
         self.data_mean, self.data_std = tuple(data.mean), tuple(data.std)
         self.generator: torch.Generator | None = None
 
-    def bind(self, autocast, device: torch.device, seed: int) -> None:
-        super().bind(autocast, device, seed)
+    def bind(self, autocast, device: torch.device, seed: int, epochs: int | None = None) -> None:
+        super().bind(autocast, device, seed, epochs)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         # Built once: no host-to-device copy of constants in the training step.
         mean, std = channel_views(self.data_mean, self.data_std, device)

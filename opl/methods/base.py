@@ -2,8 +2,9 @@
 
 A step is chosen by config (`method=`), built outside the Trainer from the model, the criterion and
 the data, and handed to it, as DomainBed hands over its algorithms. The Trainer moves it to the
-device, calls `bind` once, then `step(x, y, index) -> parts` per batch, and back-propagates
-`parts["loss"]`; it never asks which method it runs.
+device, calls `bind` once (where a step also checks its settings against the run), then
+`step(x, y, index) -> parts` per batch, and back-propagates `parts["loss"]`; it never asks which
+method it runs.
 """
 
 import contextlib
@@ -36,9 +37,11 @@ class TrainingStep(nn.Module):
         """True when a batch of one sample is meaningless for the loss (OPL compares pairs)."""
         return bool(getattr(self.criterion, "needs_pairs", False))
 
-    def bind(self, autocast: Callable, device: torch.device, seed: int) -> None:
-        """Called once by the Trainer after the step is on `device`: the precision context and the
-        seed of any random state the step owns (its generators are checkpointed via `rng_state`)."""
+    def bind(self, autocast: Callable, device: torch.device, seed: int, epochs: int | None = None) -> None:
+        """Called once by the Trainer after the step is on `device`, before anything is trained or
+        written: the precision context, the seed of any random state the step owns (its generators
+        are checkpointed via `rng_state`) and the run's number of epochs (None when unknown), so a
+        step whose settings cannot work for this run refuses it here."""
         self.autocast = autocast
 
     def rng_state(self) -> dict:

@@ -14,7 +14,7 @@ Domain_Generalization/models/resnet.py:70-150):
 5. confidence drop = p(true class) before - after muting - offset, negatives set to 0; only samples
    dropping strictly more than the m-th largest drop, m = round(B * batch_fraction), keep their
    mask; the others are not muted (:126-146). The batch fraction follows a per-epoch curriculum
-   (:70-73).
+   (:70-73). A batch too small for the threshold (m >= B) mutes every sample with a positive drop.
 
 `RSCStep` is the training step (`method=rsc`) built on them.
 """
@@ -44,20 +44,20 @@ class RSCSettings:
     def __post_init__(self):
         for key in ("spatial_fraction", "channel_fraction"):
             if not 0.0 < getattr(self, key) < 1.0:
-                raise ConfigError(f"rsc.{key}={getattr(self, key)} must be in (0, 1)")
+                raise ConfigError(f"method.{key}={getattr(self, key)} must be in (0, 1)")
         if not 0.0 <= self.spatial_probability <= 1.0:
-            raise ConfigError(f"rsc.spatial_probability={self.spatial_probability} must be in [0, 1]")
+            raise ConfigError(f"method.spatial_probability={self.spatial_probability} must be in [0, 1]")
         if not 0.0 <= self.batch_fraction_start < 1.0:
-            raise ConfigError(f"rsc.batch_fraction_start={self.batch_fraction_start} must be in [0, 1)")
+            raise ConfigError(f"method.batch_fraction_start={self.batch_fraction_start} must be in [0, 1)")
         if self.batch_fraction_interval < 1:
-            raise ConfigError(f"rsc.batch_fraction_interval={self.batch_fraction_interval} must be >= 1")
+            raise ConfigError(f"method.batch_fraction_interval={self.batch_fraction_interval} must be >= 1")
 
     def batch_fraction(self, epoch: int) -> float:
         """Share of the batch muted in 0-based `epoch`: start + step * (epoch // interval)."""
         fraction = self.batch_fraction_start + (epoch // self.batch_fraction_interval) * self.batch_fraction_step
         if not 0.0 <= fraction < 1.0:
             raise ConfigError(f"the RSC batch fraction reaches {fraction:g} at epoch {epoch}; it must stay below 1 "
-                              "(fewer epochs, or a smaller rsc.batch_fraction_step)")
+                              "(fewer trainer.epochs, or a smaller method.batch_fraction_step)")
         return fraction
 
 
@@ -113,6 +113,20 @@ def keep_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return (scores <= threshold).to(scores.dtype)
 
 
+def check_feature_map(image_hw: tuple, map_shape: tuple, settings: RSCSettings) -> None:
+    """ConfigError unless both mutings leave a threshold on a (C, H, W) feature map of `image_hw` images."""
+    c, h, w = map_shape
+    for n, fraction, what in ((h * w, settings.spatial_fraction, "positions"),
+                              (c, settings.channel_fraction, "channels")):
+        try:
+            muted_count(n, fraction)
+        except ValueError:
+            raise ConfigError(
+                f"method=rsc: {image_hw[0]}x{image_hw[1]} training images give the model a {h}x{w} last feature map "
+                f"({c} channels): RSC would mute ceil({n} x {fraction:.4g}) = {math.ceil(n * fraction)} of its {n} "
+                f"{what}, all of them; use a larger dataset.image_size (PACS: 222, a 7x7 map on ResNet)") from None
+
+
 def feature_mask(features: torch.Tensor, grad: torch.Tensor, spatial: bool, settings: RSCSettings) -> torch.Tensor:
     """The per-sample mask before selection: (B, 1, H, W) if `spatial`, else (B, C, 1, 1)."""
     b, c, h, w = features.shape
@@ -133,10 +147,13 @@ def confidence_drop(logits_before: torch.Tensor, logits_after: torch.Tensor, lab
 
 def most_dropped(drop: torch.Tensor, batch_fraction: float) -> torch.Tensor:
     """bool (B,): drop strictly above the m-th largest (0-based, descending), m = round(B * fraction)
-    with Python's round, as the RSC code. Samples without a positive drop are never selected."""
+    with Python's round, as the RSC code. Samples without a positive drop are never selected. When m
+    reaches B (a small last batch late in the curriculum, e.g. one sample at fraction 0.7; the RSC
+    code's training loader drops last batches, its index would run past the batch), every sample
+    with a positive drop is selected: the limit of the rule, the drops being clamped at 0."""
     m = round(drop.shape[0] * batch_fraction)
     if m >= drop.shape[0]:
-        raise ValueError(f"batch fraction {batch_fraction} of a batch of {drop.shape[0]} leaves no threshold")
+        return drop > 0
     threshold = drop.sort(descending=True).values[m]
     return drop > threshold
 
@@ -166,23 +183,45 @@ class RSCStep(TrainingStep):
     """RSC's training step: the model's last feature map, muted as `rsc_mask` decides, through the
     head; the criterion (CE, or CE + lambda * OPL on the muted pooled features, the vector the
     classifier sees) on the result. The model must offer `feature_map(x)` and `head(map) ->
-    (features, logits)` (the timm backbones do). Knobs: the fields of `RSCSettings`."""
+    (features, logits)` (the timm backbones do). The keywords are the fields of `RSCSettings`, named
+    here so the configuration check names a misspelt or mistyped `method.*` key."""
 
     compile_refusal = ("RSC takes a gradient w.r.t. the feature map inside the step and draws spatial vs "
                        "channel muting on the host; use trainer.compile=false")
 
-    def __init__(self, model: nn.Module, criterion: nn.Module, data=None, **settings):
+    def __init__(self, model: nn.Module, criterion: nn.Module, data=None, *, spatial_fraction: float,
+                 channel_fraction: float, spatial_probability: float, batch_fraction_start: float,
+                 batch_fraction_step: float, batch_fraction_interval: int, confidence_offset: float):
         super().__init__(model, criterion)
         if not all(callable(getattr(model, name, None)) for name in ("feature_map", "head")):
             raise ConfigError(f"method=rsc needs a model with feature_map() and head() (e.g. model=resnet18 or "
                               f"resnet50); {type(model).__name__} has neither")
-        self.settings = RSCSettings(**settings)
+        self.settings = RSCSettings(spatial_fraction, channel_fraction, spatial_probability, batch_fraction_start,
+                                    batch_fraction_step, batch_fraction_interval, confidence_offset)
+        # (C, H, W) of the training images, for the feature-map check in `bind` (None: no data given)
+        self.image_shape = None if data is None else _image_shape(data.train)
         self.epoch = 0  # 0-based, as the RSC code's curriculum counts
         self.generator = torch.Generator()
 
-    def bind(self, autocast, device: torch.device, seed: int) -> None:
-        super().bind(autocast, device, seed)
+    def bind(self, autocast, device: torch.device, seed: int, epochs: int | None = None) -> None:
+        """Also refuses, before any training, a curriculum whose batch fraction reaches 1 within
+        `epochs` and images too small for the model's feature map to be muted."""
+        super().bind(autocast, device, seed, epochs)
         self.generator.manual_seed(seed)
+        if epochs is not None:
+            self.settings.batch_fraction(epochs - 1)
+        if self.image_shape is not None:
+            check_feature_map(self.image_shape[1:], self._feature_map_shape(device), self.settings)
+
+    def _feature_map_shape(self, device: torch.device) -> tuple:
+        """(C, H, W) of the model's last feature map for one training-sized image (a shape probe)."""
+        was_training = self.model.training
+        self.model.eval()  # no batch-norm statistics update, and a batch of one is allowed
+        try:
+            with torch.no_grad():
+                return tuple(self.model.feature_map(torch.zeros((1, *self.image_shape), device=device)).shape[1:])
+        finally:
+            self.model.train(was_training)
 
     def rng_state(self) -> dict:
         return {"rsc": self.generator.get_state()}
@@ -192,7 +231,6 @@ class RSCStep(TrainingStep):
 
     def before_epoch(self, epoch: int, trainer) -> dict:
         """Called by the Trainer before each (1-based) epoch: the curriculum's batch fraction."""
-        self.settings.batch_fraction(trainer.cfg.epochs - 1)  # fails before training if it would reach 1
         self.epoch = epoch - 1
         return {"rsc_batch_fraction": self.settings.batch_fraction(self.epoch)}
 
@@ -205,3 +243,10 @@ class RSCStep(TrainingStep):
         parts["top1"] = self.accuracy(logits, y)
         parts["rsc_muted"] = muted.selected.float().mean()  # share of the batch trained on a muted map
         return parts
+
+
+def _image_shape(split) -> tuple:
+    """(C, H, W) of a split's images: in-memory uint8 tensors, or the first item of a map-style
+    dataset (one size per split)."""
+    images = getattr(split, "images", None)
+    return tuple((images if images is not None else split[0][0]).shape[-3:])
