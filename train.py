@@ -32,7 +32,6 @@ from omegaconf import DictConfig, OmegaConf
 import torch
 from opl.config_types import check_finite, check_keywords, check_targets
 from opl.data.noise import LabelNoise, with_label_noise
-from opl.engine.checkpoint import load_checkpoint, load_model_state
 from opl.engine.distributed import DistributedContext, broadcast_object
 from opl.engine.gpu_claim import GpuClaim, claim_gpu, cuda_names, default_lock_dir
 from opl.engine.run_dir import RunDir, folder_name, owner_signature, remove_unused_folder
@@ -267,8 +266,7 @@ def shown(path: Path) -> Path:
 def evaluate_checkpoint(cfg: DictConfig, parts: Parts, run_dir: RunDir, job: Job) -> dict:
     """eval_only=true: the checkpoint's metrics, in a new eval-<checkpoint>-<hash>.json."""
     trainer = make_trainer(cfg, parts, run_dir.path, None)
-    ckpt = load_checkpoint(cfg.ckpt_path, map_location=trainer.device)
-    load_model_state(trainer.model, ckpt["model"], str(cfg.ckpt_path))
+    ckpt = trainer.load_weights(cfg.ckpt_path)
     metrics = trainer.evaluate_all()
     if not job.ctx.is_main:
         return metrics

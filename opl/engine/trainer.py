@@ -284,8 +284,8 @@ class Trainer:
             "step_rng": self.training_step.rng_state(),
             "state": vars(self.state),
         }, self.last_checkpoint)
+        self.checkpoint_epoch = self.state.epoch  # at once: an interruption names the epoch last.pt holds
         self._promote_best_val()
-        self.checkpoint_epoch = self.state.epoch
 
     def resume(self, path: str | Path) -> None:
         # On the CPU: generator states must be restored from CPU tensors; the model, optimizer and
@@ -318,8 +318,11 @@ class Trainer:
         if self.is_main:
             self.metrics.truncate_after(self.state.epoch)
 
-    def load_weights(self, path: str | Path) -> None:
-        load_model_state(self.model, load_checkpoint(path, map_location=self.device)["model"], str(path))
+    def load_weights(self, path: str | Path) -> dict:
+        """The model's weights from a checkpoint; returns the checkpoint (its epoch, for the record)."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        load_model_state(self.model, ckpt["model"], str(path))
+        return ckpt
 
     # ---------------------------------------------------------------- training
     def _check_finite(self, bad_step: torch.Tensor) -> None:
