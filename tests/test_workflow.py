@@ -92,8 +92,6 @@ def hydra_value(value) -> str:
 
 
 COMMITTED = [json.loads(line) for line in (REPO / "results" / "records.jsonl").read_text().splitlines() if line.strip()]
-LEGACY_REASON = ("made before run keys had the `neutral` node (and by code whose options changed since); the committed "
-                 "records are re-run with the final code (issue 9), after which this passes")
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +109,9 @@ def composed():
 
 def test_the_documented_commands_reproduce_the_committed_keys(composed):
     """`python train.py experiment=<e> seed=<s> <overrides>` today gives each committed record's key."""
-    current = [r for r in COMMITTED if "neutral" in r["config"]]
-    wrong = [r["run_key"] for r in current if run_key(composed(r), r["seed"], r["data_variant"]) != r["run_key"]]
+    assert len(COMMITTED) >= 50
+    wrong = [r["run_key"] for r in COMMITTED if run_key(composed(r), r["seed"], r["data_variant"]) != r["run_key"]]
     assert not wrong, f"committed records whose command no longer gives their key: {wrong}"
-    legacy = len(COMMITTED) - len(current)
-    if legacy:
-        pytest.xfail(f"{legacy} of {len(COMMITTED)} committed records were {LEGACY_REASON} (the other "
-                     f"{len(current)} reproduce their keys)")
 
 
 # ============================================================================ one selection
