@@ -203,8 +203,8 @@ def test_every_table_and_figure_selector_names_an_existing_experiment():
 
 
 def github_anchor(heading: str) -> str:
-    """GitHub's anchor of a Markdown heading: lower case, punctuation other than '-' dropped, spaces to '-'."""
-    return re.sub(r"[^a-z0-9 -]", "", heading.strip().lower()).replace(" ", "-")
+    """GitHub's anchor of a Markdown heading: lower case, punctuation other than "-" and "_" dropped, spaces to '-'."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def test_every_experiment_links_existing_deviation_sections():
