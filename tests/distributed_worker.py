@@ -12,6 +12,7 @@ rank recording its BN running mean as it enters the evaluation and the metrics i
 run whose loss turns NaN on rank 1 alone at step NAN_AT_STEP, each rank recording where it stopped.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import opl.engine.trainer  # noqa: E402
 from opl.engine.distributed import DistributedContext  # noqa: E402
-from opl.errors import NonFiniteLossError  # noqa: E402
+from opl.data.base import ImageTensors  # noqa: E402
+from opl.errors import ConfigError, NonFiniteLossError  # noqa: E402
 from opl.losses import OrthogonalProjectionLoss, ce_plus_opl  # noqa: E402
 from test_distributed import NAN_AT_STEP, STOP_AFTER, batch_norm_evaluators, make_trainer  # noqa: E402
 
@@ -111,6 +113,13 @@ def main() -> None:
             make_trainer(out / f"nan_run_rank{rank}", criterion=criterion, log_every=NAN_AT_STEP).fit()
         except NonFiniteLossError as exc:
             (out / f"nan_rank{rank}.json").write_text(json.dumps({"step": exc.step, "message": str(exc)}))
+        tiny = make_trainer(out / f"tiny_rank{rank}")
+        one = tiny.data.test
+        tiny.data = dataclasses.replace(tiny.data, test=ImageTensors(one.images[:1], one.labels[:1]))
+        try:
+            tiny.eval_loader("test")
+        except ConfigError as exc:  # raised alike on every rank: none is left waiting for an empty shard
+            (out / f"tiny_rank{rank}.txt").write_text(str(exc))
     ctx.close()
 
 

@@ -228,11 +228,12 @@ class WorkerDraws(torch.utils.data.Dataset):
         return torch.randint(0, 256, (1, 2, 2), dtype=torch.uint8), 0
 
 
-def test_worker_augmentation_differs_per_rank_and_repeats_per_epoch():
+@pytest.mark.parametrize("workers", [1, 0])
+def test_worker_augmentation_differs_per_rank_and_repeats_per_epoch(workers):
     augment = BatchAugment(AugmentSpec(), (0.5,), (0.25,))
 
     def draws(rank: int, epoch: int) -> torch.Tensor:
-        loader = DeviceDataLoader(WorkerDraws(), 4, torch.device("cpu"), augment, True, num_workers=1, seed=3,
+        loader = DeviceDataLoader(WorkerDraws(), 4, torch.device("cpu"), augment, True, num_workers=workers, seed=3,
                                   rank=rank, world=2)
         loader.set_epoch(epoch)
         return torch.cat([x for x, _, _ in loader])

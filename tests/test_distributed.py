@@ -175,6 +175,12 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(consistency_run):
     assert stops[0]["step"] == NAN_AT_STEP and f"at step {NAN_AT_STEP} (epoch 1)" in stops[0]["message"]
 
 
+def test_a_split_smaller_than_the_world_is_refused_on_every_rank(consistency_run):
+    messages = [(consistency_run / f"tiny_rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1] == ("the test split of digits has 1 image(s), fewer than the 2 processes: "
+                                          "each needs at least one")
+
+
 def test_a_failing_rank_ends_the_job(tmp_path):
     started = time.monotonic()
     proc = torchrun("fail", tmp_path, timeout=120)

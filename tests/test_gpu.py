@@ -27,7 +27,7 @@ from opl.data.augment import BatchAugment, DeferredAugment  # noqa: E402
 from opl.data.base import AugmentSpec, DataSpec, ImageTensors  # noqa: E402
 from opl.data.loaders import DeviceTensorLoader  # noqa: E402
 from opl.errors import ConfigError, NonFiniteLossError  # noqa: E402
-from opl.losses import ce_plus_opl  # noqa: E402
+from opl.losses import ce_plus_opl, truncated_lq  # noqa: E402
 from opl.methods import AdversarialStep, RSCStep  # noqa: E402
 from opl.models import CifarResNet, resnet20  # noqa: E402
 from test_capture import make_trainer, step_by_step  # noqa: E402
@@ -232,9 +232,12 @@ def test_nan_injected_at_step_k_stops_with_step_k(tmp_path):
     assert err.value.step == 7
 
 
-def test_resume_on_cuda_equals_uninterrupted_in_deterministic_mode(tmp_path):
+@pytest.mark.parametrize("criterion", [ce_plus_opl, functools.partial(truncated_lq, start_epoch=1, refresh_every=1)],
+                         ids=["ce_opl", "truncated"])
+def test_resume_on_cuda_equals_uninterrupted_in_deterministic_mode(tmp_path, criterion):
+    """Also with the truncated loss, whose per-sample weights (criterion state) the checkpoint holds."""
     options = dict(data=learnable_data(600), model=small_resnet, compile=False, deterministic=True, epochs=3,
-                   batch_size=64)
+                   batch_size=64, criterion=criterion)
     try:
         uninterrupted = cuda_trainer(tmp_path / "a", **options)
         uninterrupted.fit()

@@ -106,6 +106,10 @@ def test_unfit_or_unsafe_weights_files_are_one_line_errors(tmp_path):
         TimmBackbone("resnet18", 10, pretrained=True, pretrained_path=str(r50))
     with pytest.raises(ConfigError, match="not a timm model"):
         TimmBackbone("resnet18_cifar", 10)
+    with pytest.raises(ConfigError, match=r"^model.zero_init_last applies to timm's ResNets, not to efficientnet_b0: "
+                                          r"set model.zero_init_last=null$"):
+        TimmBackbone("efficientnet_b0", 10, zero_init_last=False)
+    assert TimmBackbone("efficientnet_b0", 10).feature_dim == 1280  # the architecture's own initialisation
 
 
 def test_pretrained_download_offline_names_the_offline_route(monkeypatch, tmp_path):

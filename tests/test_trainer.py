@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from opl.data.digits import digits
-from opl.engine.checkpoint import atomic_save, load_checkpoint
+from opl.engine.checkpoint import atomic_save, load_checkpoint, tensors_to
 from opl.engine.trainer import COMPILE_MODES, Trainer, TrainerConfig
 from opl.errors import CheckpointError, ConfigError, NonFiniteLossError
 from opl.losses import ClassificationLoss, ce_plus_opl
@@ -374,3 +374,15 @@ def test_compile_modes_are_the_ones_torch_compile_knows():
 def test_sync_bn_without_cuda_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^trainer.sync_bn needs CUDA"):
         make_trainer(tmp_path, sync_bn=True)
+
+
+def test_criterion_state_follows_the_device_on_resume():
+    """Resume reads the checkpoint onto the CPU; the criterion's nested state (the truncated loss's
+    weights sit in an extra-state dict) is moved to the run's device before it is assigned."""
+    weights = torch.ones(5)
+    state = {"base._extra_state": {"weights": weights}, "steps": [weights, (weights, 3)], "none": None}
+    moved = tensors_to(state, torch.device("meta"))
+    assert moved["base._extra_state"]["weights"].device.type == "meta"
+    assert [t.device.type for t in (moved["steps"][0], moved["steps"][1][0])] == ["meta", "meta"]
+    assert moved["steps"][1][1] == 3 and moved["none"] is None and isinstance(moved["steps"][1], tuple)
+    assert weights.device.type == "cpu"  # the loaded state itself is left as it was

@@ -140,7 +140,7 @@ class DeviceDataLoader:
                  min_batch: int = 1, rank: int = 0, world: int = 1):
         self.device = device
         self.train = train
-        self.seed, self.rank, self.epoch = seed, rank, 0
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
         self.augment = augment.to(device)
         self.generator = torch.Generator()  # the workers' base seeds (per rank: their crops and jitter differ)
         self.device_generator = torch.Generator(device=device)  # the on-device augmentation
@@ -165,6 +165,10 @@ class DeviceDataLoader:
     def __iter__(self):
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank, workers=True))
         self.device_generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
+        if self.loader.num_workers == 0 and self.world > 1:
+            # No workers: the dataset's random transforms draw from this process's generator, seeded
+            # alike on every rank; seed it as a worker's would be, so the ranks' crops differ too.
+            torch.manual_seed(epoch_seed(self.seed, self.epoch, self.rank, workers=True))
         for step, (x, y, idx) in enumerate(self.loader):
             if step == self.steps:  # a last partial batch too small to keep (see batch_count)
                 break

@@ -50,6 +50,17 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state)
 
 
+def tensors_to(state, device: torch.device):
+    """`state` (nested dicts, lists, tuples) with every tensor moved to `device`."""
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {key: tensors_to(value, device) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(tensors_to(value, device) for value in state)
+    return state
+
+
 def capture_rng_state(device: torch.device) -> dict:
     """Python, NumPy and torch generator states (CPU, and `device`'s own when it is a GPU), as CPU
     tensors and plain values. Only this process's GPU: under data-parallel training each rank

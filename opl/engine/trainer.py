@@ -25,7 +25,8 @@ from opl.data.augment import DeferredAugment
 from opl.data.base import DataSpec
 from opl.data.loaders import build_loader
 from opl.engine.capture import CAPTURE_MODES, AugmentedStep, WholeStep
-from opl.engine.checkpoint import atomic_save, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state
+from opl.engine.checkpoint import (atomic_save, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state,
+                                   tensors_to)
 from opl.engine.distributed import broadcast_buffers, world
 from opl.engine.evaluate import ClassificationEvaluator, predict
 from opl.engine.schedule import build_scheduler, scheduled_lrs, set_iteration
@@ -233,6 +234,9 @@ class Trainer:
             data = getattr(self.data, split)
             if data is None:
                 raise ValueError(f"{self.data.name} has no {split} split")
+            if len(data) < self.world_size:  # an empty shard would leave the other ranks waiting in the gather
+                raise ConfigError(f"the {split} split of {self.data.name} has {len(data)} image(s), fewer than the "
+                                  f"{self.world_size} processes: each needs at least one")
             self._eval_loaders[split] = build_loader(self.data, data, False, self.cfg.eval_batch_size, **self.loader_args)
         return self._eval_loaders[split]
 
@@ -288,8 +292,9 @@ class Trainer:
         self._promote_best_val()
 
     def resume(self, path: str | Path) -> None:
-        # On the CPU: generator states must be restored from CPU tensors; the model, optimizer and
-        # criterion loads copy their tensors to the parameters' device themselves.
+        # On the CPU: generator states must be restored from CPU tensors. The model and optimizer
+        # loads copy their tensors to the parameters' device; the criterion's extra state (the
+        # truncated loss's per-sample weights) is assigned as loaded, so it moves here first.
         ckpt = load_checkpoint(path, map_location="cpu")
         if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
             raise CheckpointError(f"{path} is not a resumable training checkpoint of this project")
@@ -304,7 +309,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
-            self.criterion.load_state_dict(ckpt["criterion"])
+            self.criterion.load_state_dict(tensors_to(ckpt["criterion"], self.device))
             restore_rng_state(ckpt["rng"], self.device)
             self.training_step.load_rng_state(ckpt["step_rng"])
             self.state = TrainState(**ckpt["state"])

@@ -13,7 +13,8 @@ experiments (paper.md section 3: PGD-trained CIFAR models, with and without OPL)
 `RobustAccuracy` is the evaluator the adversarial experiments add: top-1 under PGD on the test set.
 In a data-parallel run each process attacks its shard of the images and the counts are summed
 over the processes, so every rank reports the accuracy over the whole set (or its first `limit`
-images, in the split's order).
+images, in the split's order). The random start is drawn per process and batch: with a random
+start, the figure depends (within seed noise) on the number of processes and the batch size.
 
 The attacked `forward` maps PIXEL images to logits; `normalized_forward` builds it from a model that
 expects normalised input, so the eps-ball is always measured in pixel units. Gradients are taken

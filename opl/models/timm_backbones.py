@@ -57,16 +57,27 @@ class TimmBackbone(nn.Module):
         if pretrained:
             try:
                 self.net = timm.create_model(arch, pretrained=True, **options)
+            except TypeError as exc:
+                raise self._option_refused(exc) from None
             except Exception as exc:  # network, hub, cache or tag failures all end here, as one line
                 raise CheckpointError(
                     f"model.pretrained=true: timm could not fetch the {arch} weights ({_one_line(exc)}); "
                     f"without network, download them elsewhere and pass model.pretrained_path=FILE") from None
             self.weights_source = f"timm:{arch.split('.')[0]}.{self.net.pretrained_cfg.get('tag')}"
         else:
-            self.net = timm.create_model(arch, pretrained=False, **options)
+            try:
+                self.net = timm.create_model(arch, pretrained=False, **options)
+            except TypeError as exc:
+                raise self._option_refused(exc) from None
         if pretrained_path:
             self.load_weights(Path(pretrained_path).expanduser())
         self.feature_dim = self.net.num_features
+
+    def _option_refused(self, exc: TypeError) -> Exception:
+        if "zero_init_last" in str(exc):
+            return ConfigError(f"model.zero_init_last applies to timm's ResNets, not to {self.arch}: "
+                               "set model.zero_init_last=null")
+        return exc
 
     def load_weights(self, path: Path) -> None:
         """Load a local state dict; its classifier is kept only when it has our shape (else, or when
