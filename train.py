@@ -515,6 +515,14 @@ def main(cfg: DictConfig):
     elif code == 2 and job.on_failure == "raise":
         raise SweepJobFailed("error: this job of the sweep failed (its message is above); the sweep's other jobs "
                              "ran, and every failed job printed its own line")
+    elif code and job.ctx.enabled:
+        # A process of a data-parallel run that stops with an error leaves c10d threads (the rendezvous
+        # store, gloo's connections) that can abort the interpreter's shutdown while a peer is still
+        # connected ("terminate called without an active exception", status -6): everything is closed
+        # and written by now, so end at once with the status.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     elif code:
         sys.exit(code)
 
