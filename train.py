@@ -490,8 +490,10 @@ def failure(exc: BaseException, job: Job) -> tuple[str | None, int]:
 def run_job(cfg: DictConfig, job: Job) -> int:
     """Run one job; print what stopped it as one line. The exit status: 0, 2 (an error the message
     explains) or 130 (Ctrl-C). Anything else is a bug and keeps its traceback."""
+    finished = False
     try:
         execute(cfg, job)
+        finished = True
         return 0
     except (KeyboardInterrupt, OPLError, OSError) as exc:
         message, code = failure(exc, job)
@@ -500,7 +502,7 @@ def run_job(cfg: DictConfig, job: Job) -> int:
             job.trainer.close()
         if job.gpu is not None:
             job.gpu.release()
-        job.ctx.close()
+        job.ctx.close(finished)
     print(message, file=sys.stderr)
     remove_unused_folder(job.output_dir, Path.cwd(), PROCESS_START)
     return code

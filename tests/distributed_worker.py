@@ -120,7 +120,7 @@ def main() -> None:
             tiny.eval_loader("test")
         except ConfigError as exc:  # raised alike on every rank: none is left waiting for an empty shard
             (out / f"tiny_rank{rank}.txt").write_text(str(exc))
-    ctx.close()
+    ctx.close(finished=True)
 
 
 if __name__ == "__main__":

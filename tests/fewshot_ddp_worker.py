@@ -34,7 +34,7 @@ def main() -> None:
     ctx.init(torch.device("cpu"), timeout_s=60)
     metrics = evaluate(out / f"run{ctx.rank}")
     (out / f"rank{ctx.rank}.json").write_text(json.dumps(metrics))
-    ctx.close()
+    ctx.close(finished=True)
 
 
 if __name__ == "__main__":

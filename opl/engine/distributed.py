@@ -92,8 +92,13 @@ class DistributedContext:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=self.rank,
                                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Leave the process group. `finished`: every rank got here in step (the job ended well), so
+        wait for all of them first; tearing down gloo's connections while a peer's last messages are
+        in flight can abort that peer ("terminate called without an active exception")."""
         if self.enabled and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
