@@ -75,12 +75,17 @@ def torchrun(mode: str, out: Path, timeout: float = 240) -> subprocess.Completed
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    proc = torchrun("train", out)
+def finished_run(tmp_path_factory, mode: str, folder: str) -> Path:
+    """The output folder of a two-process worker run in `mode` that must end with status 0."""
+    out = tmp_path_factory.mktemp(folder)
+    proc = torchrun(mode, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    return finished_run(tmp_path_factory, "train", "ddp")
 
 
 def assert_close_weights(a: dict, b: dict) -> None:
@@ -136,10 +141,7 @@ def test_resume_with_another_world_size(two_process_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def consistency_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_consistency")
-    proc = torchrun("consistency", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return finished_run(tmp_path_factory, "consistency", "ddp_consistency")
 
 
 def test_sharded_evaluation_of_batch_norm_equals_one_process_on_the_checkpoint(consistency_run, tmp_path):
